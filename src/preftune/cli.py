@@ -1,0 +1,65 @@
+"""The ``preftune`` command: ``preftune sft|dpo [CONFIG.yaml] [key=value ...]``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+USAGE = """usage: preftune {sft,dpo} [CONFIG.yaml] [key=value ...] [--debug]
+       preftune {sft,dpo} --help
+
+  sft   supervised fine-tuning on prompt + chosen response (makes the reference)
+  dpo   preference optimisation (DPO, conservative DPO, IPO) against a frozen reference
+
+Keys come from the YAML file and/or key=value overrides (overrides win).
+--debug shows the full traceback of an error."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    debug = "--debug" in rest
+    rest = [a for a in rest if a != "--debug"]
+    if command not in ("sft", "dpo"):
+        print(f"preftune: error: unknown command {command!r} (choose sft or dpo)", file=sys.stderr)
+        return 2
+
+    # Imported here so that `--help` and config errors answer without loading torch.
+    from .config import ConfigError, config_help, parse_config, stage_config
+
+    cls = stage_config(command)
+    if any(a in ("-h", "--help") for a in rest):
+        print(f"usage: preftune {command} [CONFIG.yaml] [key=value ...] [--debug]\n")
+        print(config_help(cls))
+        return 0
+    try:
+        cfg = parse_config(cls, rest)
+    except ConfigError as e:
+        return _fail(e, debug)
+
+    from .data import DataError
+    from .models import ModelError
+    from .train import train
+
+    try:
+        train(cfg)
+    except (ConfigError, DataError, ModelError) as e:
+        return _fail(e, debug)
+    except KeyboardInterrupt:
+        print("preftune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _fail(error: Exception, debug: bool) -> int:
+    if debug:
+        raise error
+    print(f"preftune: error: {error}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

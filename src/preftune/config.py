@@ -1,0 +1,295 @@
+"""Typed per-stage configuration: an optional YAML file plus ``key=value`` overrides.
+
+Everything is validated before any model or data is touched, and every problem is
+reported as a one-line :class:`ConfigError`. Defaults follow the DPO paper and its
+reference implementation (eric-mitchell/direct-preference-optimization, config.yaml);
+each deviation says why in its help text. Stdlib + PyYAML only, so it is cheap to import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+DatasetFormat = Literal["hh", "shp", "stack-exchange-paired", "explicit", "implicit",
+                        "conversational"]
+DATASET_FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
+C = TypeVar("C", bound="TrainConfig")
+# help/dump sections, in order
+GROUPS = {"model": "model", "data": "data", "loss": "loss", "opt": "optimization",
+          "eval": "evaluation & output", "run": "runtime"}
+_CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 0.5)": lambda v: 0 <= v < 0.5}
+
+
+class ConfigError(ValueError):
+    """One line, user-facing."""
+
+
+def _f(group: str, default: Any, help: str, check: str | None = None, required: str = "") -> Any:
+    """A field; `check` names a rule in _CHECKS; `required` fields have no default."""
+    meta = {"help": help, "group": group, "check": check}
+    if required:
+        return dataclasses.field(metadata={**meta, "required": required})
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Keys shared by every stage."""
+
+    model: str = _f("model", None, "policy to train: local HF folder, hub id, or alias (e.g. "
+                    "smollm2-135m-instruct)", required="a local Hugging Face folder, a hub id, "
+                    "or an alias")
+    dataset: str = _f("data", None, "local file (jsonl, jsonl.gz, json, parquet, csv) or hub "
+                      "dataset name[:split]", required="a local file or a hub dataset name")
+    tokenizer: str | None = _f("model", None, "tokenizer; null = same as model")
+    dataset_format: DatasetFormat | None = _f("data", None, "row format; null = detect")
+    eval_dataset: str | None = _f("data", None, "null = held-out slice of dataset")
+    eval_examples: int = _f("data", 256, "eval rows (held out from dataset if needed)", ">= 0")
+    max_examples: int | None = _f("data", None, "use only the first N training rows (after "
+                                  "the held-out slice); null = all", "> 0")
+    max_length: int = _f("data", 512, "max tokens of prompt + response", "> 0")
+    max_prompt_length: int = _f("data", 256, "max prompt tokens; must be < max_length", "> 0")
+    truncation: Literal["auto", "keep_end", "keep_start"] = _f(
+        "data", "auto", "prompt truncation; auto = keep_end for hh, keep_start otherwise")
+    strict_data: bool = _f("data", False, "stop at the first bad row, not skip and report")
+    lr: float = _f("opt", 5e-7, "peak learning rate (the reference uses it for SFT too)", "> 0")
+    optimizer: Literal["rmsprop", "adamw"] = _f("opt", "rmsprop", "reference: RMSprop "
+                                                "(about as good as Adam, less memory)")
+    weight_decay: float = _f("opt", 0.0, "decoupled weight decay", ">= 0")
+    warmup_steps: int = _f("opt", 150, "linear warmup steps", ">= 0")
+    scheduler: Literal["constant", "linear", "cosine"] = _f(
+        "opt", "constant", "schedule after warmup (reference: constant)")
+    batch_size: int = _f("opt", 64, "pairs (SFT: examples) per optimizer step, as the paper",
+                         "> 0")
+    micro_batch_size: int = _f("opt", 8, "per forward pass; the reference does not accumulate, "
+                               "8 bounds memory on one device, same result", "> 0")
+    epochs: int = _f("opt", 1, "passes over the training data", "> 0")
+    max_steps: int | None = _f("opt", None, "stop after N optimizer steps; null = all epochs",
+                               "> 0")
+    max_grad_norm: float = _f("opt", 10.0, "gradient clipping norm", "> 0")
+    seed: int = _f("opt", 0, "random seed (data order, sampling)", ">= 0")
+    output_dir: str | None = _f("eval", None, "null = runs/<stage>-<YYYYmmdd-HHMMSS>")
+    eval_every: int = _f("eval", 300, "eval + save every N steps, 0 = only at the end "
+                         "(reference: 20,000 examples ~ 312 steps of 64)", ">= 0")
+    sample_every: int | None = _f("eval", None, "sample every N steps, 0 = only at the end; "
+                                  "null = eval_every", ">= 0")
+    n_samples: int = _f("eval", 4, "prompts sampled each time, 0 = off (reference: 16; "
+                        "fewer keeps small runs fast)", ">= 0")
+    max_new_tokens: int = _f("eval", 128, "max tokens per sample", "> 0")
+    log_every: int = _f("eval", 1, "log metrics every N steps", "> 0")
+    device: Literal["auto", "cpu", "cuda"] = _f("run", "auto", "auto = cuda if available")
+    dtype: Literal["float32", "bfloat16"] = _f("run", "float32", "weights and compute "
+                                               "(reference: float32)")
+    gradient_checkpointing: bool = _f("run", False, "trade compute for activation memory")
+    trust_remote_code: bool = _f("run", False, "allow model code from the hub")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, hints[f.name], getattr(self, f.name)))
+        self._check()
+
+    def _check(self) -> None:
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"max_prompt_length: must be < max_length ({self.max_length}), "
+                              f"got {self.max_prompt_length}")
+        if self.micro_batch_size > self.batch_size:
+            raise ConfigError(f"micro_batch_size: must be <= batch_size ({self.batch_size}), "
+                              f"got {self.micro_batch_size}")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on the chosen responses."""
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Preference optimisation (DPO, conservative DPO, IPO) against a frozen reference."""
+
+    reference: str | None = _f("model", None, "frozen reference; null = same as model")
+    loss: Literal["dpo", "ipo"] = _f("loss", "dpo", "preference loss")
+    beta: float = _f("loss", 0.1, "strength of the KL penalty toward the reference", "> 0")
+    label_smoothing: float = _f("loss", 0.0, "assumed label-flip rate (conservative DPO; "
+                                "loss=dpo only)", "in [0, 0.5)")
+    reference_free: bool = _f("loss", False, "ignore the reference (uniform reference)")
+    logps: Literal["sum", "mean"] = _f("loss", "sum", "sequence log-prob: sum or token mean")
+
+    def _check(self) -> None:
+        super()._check()
+        if self.label_smoothing > 0 and self.loss != "dpo":
+            raise ConfigError(f"label_smoothing: only applies to loss=dpo, got loss={self.loss}")
+
+
+_STAGES: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
+
+
+def stage_config(stage: str) -> type[TrainConfig]:
+    """The config class of a stage ("sft" or "dpo")."""
+    if stage not in _STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {', '.join(_STAGES)}")
+    return _STAGES[stage]
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _coerce(f: dataclasses.Field, tp: Any, v: Any) -> Any:
+    """Check one value against its annotation and `check`; returns the normalised value."""
+    tp, optional = _split_optional(tp)
+    if v is None and optional:
+        return None
+    if v is None and "required" in f.metadata:
+        raise ConfigError(f"{f.name}: required ({f.metadata['required']})")
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(v, str) and v.lower() in choices:
+            return v.lower()
+        raise ConfigError(f"{f.name}: expected one of {', '.join(choices)}, got {_show(v)}")
+    want = {bool: "true or false", int: "an int", float: "a float", str: "a string"}[tp]
+    out = v if isinstance(v, tp) and not (tp is not bool and isinstance(v, bool)) else None
+    if tp is float and not isinstance(v, bool):
+        try:  # PyYAML reads 1e-6 (no dot) as a string; accept it for float keys
+            out = float(v) if math.isfinite(float(v)) else None
+        except (TypeError, ValueError):
+            out = None
+    check = f.metadata["check"]
+    if out is not None and check and not _CHECKS[check](out):
+        out, want = None, f"{want} {check}"
+    if out is None:
+        raise ConfigError(f"{f.name}: expected {want}, got {_show(v)}")
+    return out
+
+
+def _show(v: Any) -> str:
+    """null/true/false as YAML spells them, anything else as repr (strings quoted)."""
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)
+
+
+def _fields(cls: type) -> list[dataclasses.Field]:
+    """Fields in help/dump order: by group, then declaration order."""
+    return sorted(dataclasses.fields(cls), key=lambda f: list(GROUPS).index(f.metadata["group"]))
+
+
+def _unknown(key: str, cls: type) -> ConfigError:
+    close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(cls)], n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "see --help for the keys"
+    other = [s for s, c in _STAGES.items() if key in {f.name for f in dataclasses.fields(c)}]
+    if other:
+        hint = f"it applies only to the {other[0]} stage"
+    return ConfigError(f"unknown key {key!r}; {hint}")
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{path}:{where} invalid YAML ({what})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return {str(k): v for k, v in data.items()}
+
+
+def load_config(cls: type[C], yaml_path: str | os.PathLike | None = None,
+                overrides: Mapping[str, object] | None = None) -> C:
+    """Build and validate `cls` from an optional YAML file; `overrides` win over the file."""
+    from_file = _read_yaml(yaml_path) if yaml_path is not None else {}
+    values = {**from_file, **(overrides or {})}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, v in values.items():
+        source = f"{yaml_path}: " if key in from_file and key not in (overrides or {}) else ""
+        try:
+            if key not in fields:
+                raise _unknown(key, cls)
+            _coerce(fields[key], hints[key], v)
+        except ConfigError as e:
+            raise ConfigError(f"{source}{e}") from None
+    for f in fields.values():
+        if "required" in f.metadata and values.get(f.name) is None:
+            raise ConfigError(f"{f.name}: required ({f.metadata['required']})")
+    return cls(**values)
+
+
+def parse_config(cls: type[C], args: Sequence[str]) -> C:
+    """`args` like ["recipe.yaml", "beta=0.2", "model=./m"]: an optional YAML file first."""
+    args = list(args)
+    yaml_path = args.pop(0) if args and "=" not in args[0] else None
+    hints = typing.get_type_hints(cls)
+    overrides: dict[str, object] = {}
+    for arg in args:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"unexpected argument {arg!r}; expected key=value (only the "
+                              "first argument may be a YAML file)")
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if key in hints and _split_optional(hints[key])[0] is str and value is not None \
+                and not isinstance(value, str):
+            value = raw  # keep names like 010, 1.0 or true exactly as typed
+        overrides[key] = value
+    return load_config(cls, yaml_path, overrides)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain {key: value} in help order; what `dump_config` writes."""
+    return {f.name: getattr(cfg, f.name) for f in _fields(type(cfg))}
+
+
+def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the fully resolved config as YAML that `load_config` reads back unchanged."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# preftune {type(cfg).__name__}, fully resolved\n"
+    path.write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
+                    encoding="utf-8")
+
+
+def config_help(cls: type[TrainConfig]) -> str:
+    """Every key with its type, default and meaning, in aligned columns grouped by topic."""
+    hints = typing.get_type_hints(cls)
+    rows: dict[str, list[tuple[str, ...]]] = {}
+    for f in _fields(cls):
+        tp, optional = _split_optional(hints[f.name])
+        default = "(required)" if "required" in f.metadata else _show(f.default).strip("'")
+        kind, text = getattr(tp, "__name__", ""), f.metadata["help"]
+        if typing.get_origin(tp) is Literal:
+            kind, text = "choice", f"{text} [{', '.join(typing.get_args(tp))}]"
+        rows.setdefault(f.metadata["group"], []).append(
+            (f.name, kind + "|null" * optional, default, text))
+    widths = [max(len(r[i]) for g in rows.values() for r in g) for i in range(3)]
+    out = [f"{cls.__name__} keys (YAML file and/or key=value; key=value wins):"]
+    for group, group_rows in rows.items():
+        out.append(f"\n{GROUPS[group]}:")
+        out += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3]
+                for r in group_rows]
+    return "\n".join(out)

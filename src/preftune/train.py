@@ -1,0 +1,293 @@
+"""The training loop for both stages (SFT and DPO/IPO), read top to bottom in ``train``.
+
+Components come from the config: data (read -> hold out -> tokenize), models, objective,
+optimizer and schedule. The loop only accumulates micro-batch gradients, clips, steps,
+logs, evaluates and samples; what a loss *is* lives in ``step`` and ``losses``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, DPOConfig, TrainConfig, config_to_dict, dump_config
+from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
+from .data.tokenize import default_truncation
+from .evaluate import evaluate, generate
+from .models import disable_dropout, load_model, load_tokenizer, save_pretrained
+from .step import DPOObjective, SFTObjective, finalize
+from .tracking import JsonlWriter, Progress
+
+Example = dict[str, list[int]]
+
+# The held-out slice does not depend on `seed`, so runs with different seeds share one eval set.
+HOLDOUT_SEED = 1234
+
+
+@dataclass
+class Data:
+    train: list[Example]
+    eval: list[Example]
+    sample_prompts: list[Example]  # tokenized held-out pairs whose prompts are sampled from
+    dropped: int  # training pairs left out of the last, incomplete batch of an epoch
+
+
+def _stage(cfg: TrainConfig) -> str:
+    return "dpo" if isinstance(cfg, DPOConfig) else "sft"
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill every 'same as' / 'auto' default with its value, for config.yaml and the run."""
+    stage = _stage(cfg)
+    updates: dict = {"tokenizer": cfg.tokenizer or cfg.model}
+    if cfg.output_dir is None:
+        updates["output_dir"] = f"runs/{stage}-{datetime.now():%Y%m%d-%H%M%S}"
+    if cfg.sample_every is None:
+        updates["sample_every"] = cfg.eval_every
+    if isinstance(cfg, DPOConfig) and cfg.reference is None:
+        updates["reference"] = cfg.model
+    return dataclasses.replace(cfg, **updates)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def prepare_output_dir(path: Path) -> None:
+    if (path / "metrics.jsonl").exists():
+        raise ConfigError(f"output_dir: {path} already holds a run (metrics.jsonl); "
+                          "choose a new output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir: {path} is not writable ({e.strerror})") from None
+
+
+def load_data(cfg: TrainConfig, tokenizer, out: Path) -> Data:
+    """Read pairs, hold out the eval slice, tokenize with the configured truncation."""
+    pairs, report = load_pairs(cfg.dataset, cfg.dataset_format, strict=cfg.strict_data)
+    report.write(out / "data_report.json")
+    if cfg.eval_dataset is not None:
+        eval_pairs, eval_report = load_pairs(cfg.eval_dataset, cfg.dataset_format,
+                                             strict=cfg.strict_data)
+        eval_report.write(out / "eval_data_report.json")
+        eval_pairs = eval_pairs[: cfg.eval_examples]
+        train_pairs = pairs
+    else:
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+        held = set(order[: cfg.eval_examples].tolist())
+        eval_pairs = [p for i, p in enumerate(pairs) if i in held]
+        train_pairs = [p for i, p in enumerate(pairs) if i not in held]
+    if cfg.max_examples is not None:
+        train_pairs = train_pairs[: cfg.max_examples]
+    if len(train_pairs) < cfg.batch_size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is more than the {len(train_pairs)} "
+                          f"training pairs read from {cfg.dataset}")
+
+    def truncation(pair) -> str:
+        return default_truncation(pair.format) if cfg.truncation == "auto" else cfg.truncation
+
+    limits = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
+    tokenize = tokenize_pair if _stage(cfg) == "dpo" else tokenize_sft
+    def encode(pair, fn=tokenize) -> Example:
+        return fn(pair, tokenizer, truncation=truncation(pair), **limits)
+
+    eval_examples = [encode(p) for p in eval_pairs]
+    # Sampling needs the prompt ids, which only the pair layout carries.
+    samples = [encode(p, tokenize_pair) for p in eval_pairs[: cfg.n_samples]]
+    train = [encode(p) for p in train_pairs]
+    return Data(train, eval_examples, samples, dropped=len(train) % cfg.batch_size)
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """A seeded permutation of the data for one epoch, cut into full batches."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return [perm[i : i + batch_size].tolist() for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def micro_batches(examples: list[Example], size: int, collate, pad_id: int, device):
+    """Collate consecutive groups of ``size`` examples, each padded only to its own length."""
+    for i in range(0, len(examples), size):
+        batch = collate(examples[i : i + size], pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Linear warmup over ``warmup`` steps (as the reference implementation), then the schedule."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(total - warmup, 1)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
+    """Run one stage end to end; returns the output folder."""
+    cfg = resolve(cfg)
+    stage = _stage(cfg)
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+
+    tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    pad_id = pad_id_for(tokenizer)
+    data = load_data(cfg, tokenizer, out)
+    dump_config(cfg, out / "config.yaml")
+
+    policy = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    policy.to(device).train()
+    disable_dropout(policy)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    reference = None
+    if stage == "dpo":
+        objective = DPOObjective(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
+                                 reference_free=cfg.reference_free, logps=cfg.logps)
+        collate = collate_pairs
+        # Reference-free runs load no reference: their rewards are measured against 0.
+        if not cfg.reference_free:
+            reference = load_model(cfg.reference, dtype=dtype,
+                                   trust_remote_code=cfg.trust_remote_code)
+            reference.to(device).eval().requires_grad_(False)
+            disable_dropout(reference)
+    else:
+        objective, collate = SFTObjective(), collate_sft
+
+    optimizer = build_optimizer(cfg, policy)
+    steps_per_epoch = len(data.train) // cfg.batch_size
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.scheduler))
+
+    metrics = JsonlWriter(out / "metrics.jsonl")
+    samples_log = JsonlWriter(out / "samples.jsonl")
+    bar = Progress(total_steps, desc=stage, enabled=progress)
+    eval_history: list[dict] = []
+
+    def run_eval(step: int, examples_seen: int) -> None:
+        batches = micro_batches(data.eval, cfg.micro_batch_size, collate, pad_id, device)
+        record = {"split": "eval", "step": step, "examples": examples_seen,
+                  **evaluate(policy, reference, objective, batches)}
+        metrics.write(record)
+        eval_history.append(record)
+        bar.write(f"eval step {step}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)))
+
+    def run_samples(step: int) -> None:
+        if not data.sample_prompts:
+            return
+        batch = collate_pairs(data.sample_prompts, pad_id)
+        ids = batch["prompt_input_ids"].to(device)
+        mask = batch["prompt_attention_mask"].to(device)
+        kw = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad_id}
+        completions = {"policy": generate(policy, tokenizer, ids, mask, **kw)}
+        if reference is not None:
+            completions["reference"] = generate(reference, tokenizer, ids, mask, **kw)
+        prompts = tokenizer.batch_decode(
+            [ex["prompt_input_ids"] for ex in data.sample_prompts], skip_special_tokens=False)
+        for i, prompt in enumerate(prompts):
+            samples_log.write({"step": step, "prompt": prompt,
+                               **{name: texts[i] for name, texts in completions.items()}})
+
+    run_eval(0, 0)  # the baseline: a DPO loss of ln 2 when policy and reference are equal
+    examples_seen = tokens_seen = 0
+    step = 0
+    epoch = 0
+    while step < total_steps:
+        for indices in batch_order(len(data.train), cfg.batch_size, cfg.seed, epoch):
+            if step >= total_steps:
+                break
+            start = time.perf_counter()
+            batches = list(micro_batches([data.train[i] for i in indices],
+                                         cfg.micro_batch_size, collate, pad_id, device))
+            denominator = objective.denominator(batches)
+            stats: Counter = Counter()
+            for batch in batches:
+                loss, micro_stats = objective(policy, reference, batch, denominator)
+                loss.backward()
+                stats.update(micro_stats)
+            clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip).item()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            examples_seen += len(indices)
+            tokens_seen += stats["tokens"]
+            elapsed = time.perf_counter() - start
+
+            record = {"split": "train", "step": step, "examples": examples_seen,
+                      **finalize(stats), "grad_norm": grad_norm, "lr": lr,
+                      "tokens": tokens_seen, "examples_per_second": len(indices) / elapsed}
+            bar.update(record)
+            if step % cfg.log_every == 0 or step == total_steps:
+                metrics.write(record)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                run_eval(step, examples_seen)
+            if cfg.n_samples and cfg.sample_every and step % cfg.sample_every == 0 \
+                    and step < total_steps:
+                run_samples(step)
+        epoch += 1
+
+    run_eval(step, examples_seen)
+    if cfg.n_samples:
+        run_samples(step)
+    bar.close()
+    metrics.close()
+    samples_log.close()
+    final = save_pretrained(policy, tokenizer, out / "final")
+    print_summary(cfg, final, eval_history, data)
+    return out
+
+
+def print_summary(cfg: TrainConfig, final: Path, evals: list[dict], data: Data) -> None:
+    keys = ["loss", "rewards/accuracies", "rewards/margins"]
+    first, last = evals[0], evals[-1]
+    print(f"model saved to {final}")
+    print(f"trained on {len(data.train) - data.dropped} pairs"
+          + (f" ({data.dropped} left out of the last incomplete batch)" if data.dropped else "")
+          + f", evaluated on {len(data.eval)}")
+    for key in keys:
+        if key in last:
+            label = "first eval" if len(evals) > 1 else "eval"
+            line = f"  {key:<20} {label} {first[key]:.4f}"
+            if len(evals) > 1:
+                line += f" -> last {last[key]:.4f}"
+            print(line)
+
+
+__all__ = ["train", "resolve", "config_to_dict"]

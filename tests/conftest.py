@@ -1,0 +1,50 @@
+"""Shared test helpers: paths to the real assets and tiny real models built from configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+GPT2_TOKENIZER = ASSETS / "tokenizers" / "gpt2"
+HH_HELPFUL = ASSETS / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
+
+
+def tiny_llama(vocab_size: int = 50257, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama with random weights: real code paths, runs in milliseconds."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(vocab_size: int = 50257, seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=1024,
+                        **overrides)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    return AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer) -> Path:
+    """A saved tiny Llama with the real GPT-2 tokenizer: a valid `model=` folder."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(vocab_size=len(gpt2_tokenizer)).save_pretrained(path)
+    gpt2_tokenizer.save_pretrained(path)
+    return path
