@@ -43,7 +43,8 @@ def test_sft_then_dpo_through_the_cli(tmp_path, tiny_model_dir, capsys):
 
     # The SFT output is a valid model (and reference) for DPO.
     assert main(["dpo", f"model={sft_out / 'final'}", f"output_dir={dpo_out}", *common]) == 0
-    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", "data_report.json"):
+    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", "data_report.json",
+                 "report/report.html", "report/accuracy.png"):
         assert (dpo_out / name).is_file(), name
     cfg_text = (dpo_out / "config.yaml").read_text()
     assert f"reference: {sft_out / 'final'}" in cfg_text  # resolved default
@@ -80,11 +81,15 @@ def test_gradient_accumulation_is_exact(tmp_path, tiny_model_dir):
                  optimizer="adamw") for m in (1, 4)]
     a, b = (_records(r, "train") for r in runs)
     for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "rewards/margins", "grad_norm", "logps/chosen"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
+        # Different micro-batches pad to different lengths, so the matmuls round differently:
+        # agreement is to float32 rounding of log-probs of magnitude ~300, not bitwise.
+        for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5), key
+        for key in ("rewards/margins", "rewards/chosen"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-5), key
     wa, wb = (AutoModelForCausalLM.from_pretrained(r / "final").state_dict() for r in runs)
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
 
 
 def test_same_config_twice_gives_same_metrics(tmp_path, tiny_model_dir):

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 
 USAGE = """usage: preftune {sft,dpo} [CONFIG.yaml] [key=value ...] [--debug]
        preftune {sft,dpo} --help
+       preftune report OUTPUT_DIR
 
   sft   supervised fine-tuning on prompt + chosen response (makes the reference)
   dpo   preference optimisation (DPO, conservative DPO, IPO) against a frozen reference
+  report  plots and an HTML page from a run folder (training writes one at the end)
 
 Keys come from the YAML file and/or key=value overrides (overrides win).
 --debug shows the full traceback of an error."""
@@ -23,8 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     debug = "--debug" in rest
     rest = [a for a in rest if a != "--debug"]
+    if command == "report":
+        from .report import main as report_main
+
+        return report_main(rest)
     if command not in ("sft", "dpo"):
-        print(f"preftune: error: unknown command {command!r} (choose sft or dpo)", file=sys.stderr)
+        print(f"preftune: error: unknown command {command!r} (choose sft, dpo or report)",
+              file=sys.stderr)
         return 2
 
     # Imported here so that `--help` and config errors answer without loading torch.

@@ -67,7 +67,7 @@ _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") e
 
 
 def cache_dir() -> Path:
-    """Where preftune keeps converted models: ``$XDG_CACHE_HOME/preftune`` or ``~/.cache/preftune``."""
+    """Where converted models live: ``$XDG_CACHE_HOME/preftune`` or ``~/.cache/preftune``."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     # The XDG spec says a relative value is invalid and must be ignored.
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
@@ -84,7 +84,7 @@ def resolve_model(name: str) -> str:
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model name (alias, local folder or Hub id); the folder needs no weights."""
+    """The tokenizer of a model name (alias, local folder or Hub id); needs no weights."""
     path = _resolve(name, need_weights=False)
     return _from_pretrained(AutoTokenizer, name, path, trust_remote_code=trust_remote_code)
 
@@ -260,11 +260,12 @@ def _load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.name_or_path = gguf_path.stem
     model = AutoModelForCausalLM.from_config(config, **{_DTYPE_KWARG: torch.float32})
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     model.eval()
+    # GGUF metadata carries no length limit; the model's context is the sensible one.
+    tokenizer.model_max_length = config.max_position_embeddings
     return model, tokenizer
 
 

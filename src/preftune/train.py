@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DPOConfig, TrainConfig, config_to_dict, dump_config
+from .config import ConfigError, DPOConfig, TrainConfig, dump_config
 from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
 from .data.tokenize import default_truncation
 from .evaluate import evaluate, generate
 from .models import disable_dropout, load_model, load_tokenizer, save_pretrained
+from .report import write_report
 from .step import DPOObjective, SFTObjective, finalize
 from .tracking import JsonlWriter, Progress
 
@@ -270,7 +271,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     metrics.close()
     samples_log.close()
     final = save_pretrained(policy, tokenizer, out / "final")
+    report = write_report(out)
     print_summary(cfg, final, eval_history, data)
+    print(f"report: {report}")
     return out
 
 
@@ -289,5 +292,3 @@ def print_summary(cfg: TrainConfig, final: Path, evals: list[dict], data: Data) 
                 line += f" -> last {last[key]:.4f}"
             print(line)
 
-
-__all__ = ["train", "resolve", "config_to_dict"]

@@ -1,0 +1,41 @@
+"""Preference data: reading pairs (formats), tokenizing them (tokenize), batching (collate)."""
+
+from preftune.data.collate import collate_pairs, collate_sft, pad_id_for
+from preftune.data.formats import (
+    FORMATS,
+    DataError,
+    Message,
+    PreferencePair,
+    SkipReport,
+    detect_format,
+    load_pairs,
+    read_pairs,
+    split_shared_prompt,
+)
+from preftune.data.tokenize import (
+    Truncation,
+    default_truncation,
+    render_chat,
+    tokenize_pair,
+    tokenize_sft,
+)
+
+__all__ = [
+    "FORMATS",
+    "DataError",
+    "Message",
+    "PreferencePair",
+    "SkipReport",
+    "Truncation",
+    "collate_pairs",
+    "collate_sft",
+    "default_truncation",
+    "detect_format",
+    "load_pairs",
+    "pad_id_for",
+    "read_pairs",
+    "render_chat",
+    "split_shared_prompt",
+    "tokenize_pair",
+    "tokenize_sft",
+]

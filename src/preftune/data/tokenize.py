@@ -1,0 +1,246 @@
+"""Turn preference pairs into token ids with the semantics of the original DPO code.
+
+As in eric-mitchell/direct-preference-optimization (``tokenize_batch_element``): prompt and
+responses are tokenized separately without special tokens, EOS is appended to each response,
+and when prompt + longer response exceeds ``max_length`` the prompt is cut to
+``max_prompt_length`` tokens, then (if still too long) each response to
+``max_length - max_prompt_length`` tokens, keeping its start. A cut response loses its EOS.
+
+Choices made here:
+
+* **BOS.** When the tokenizer has a BOS token distinct from EOS and its normal encoding
+  (``add_special_tokens=True``) starts with it, the prompt gets exactly one BOS in front; it
+  counts toward the prompt length and ``keep_end`` truncation keeps it in first position.
+  GPT-2 style tokenizers (BOS == EOS) never get one. A chat rendering that already starts with
+  the BOS text gets no second one.
+* **Chat templates.** Conversational pairs are rendered with ``apply_chat_template``
+  (:func:`render_chat`): the prompt with the generation prompt, the response is the rest of
+  the rendering of prompt + response messages, kept verbatim (Qwen's ``"<|im_end|>\\n"``
+  included). Response ids are the tail of the ids of the whole rendering after the prompt ids
+  (falling back to separate tokenization when the prompt ids are not a prefix), so that
+  SentencePiece tokenizers do not put a spurious word-start space at the response start.
+* **EOS with chat templates.** If the rendered response already ends with the EOS token
+  (ignoring trailing whitespace), no EOS is appended; otherwise one is, as for text pairs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from preftune.data.formats import DataError, Message, PreferencePair
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Truncation = Literal["keep_end", "keep_start"]
+
+IGNORE_INDEX = -100
+
+
+def default_truncation(format: str) -> Truncation:
+    """``keep_end`` for HH (as the original DPO code), ``keep_start`` otherwise."""
+    return "keep_end" if format == "hh" else "keep_start"
+
+
+def _apply_template(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation: bool, source: str
+) -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation
+        )
+    except Exception as e:  # jinja errors (e.g. "roles must alternate") surface as many types
+        raise DataError(f"{source}: the chat template failed on this pair ({e})") from None
+    if not isinstance(text, str):
+        raise DataError(f"{source}: apply_chat_template returned {type(text).__name__}, not text")
+    return text
+
+
+def render_chat(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, str]:
+    """Prompt text (with generation prompt), chosen text and rejected text (continuations).
+
+    Text pairs are returned unchanged. Conversational pairs are rendered with the tokenizer's
+    chat template; each response is the rendering of prompt + response messages minus the
+    rendering of the prompt.
+    """
+    if not pair.is_conversational:
+        return pair.prompt, pair.chosen, pair.rejected  # type: ignore[return-value]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{pair.source}: conversational pair needs a chat template, but the tokenizer "
+            f"({type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '')!r}) has none; "
+            "set tokenizer.chat_template or use a text format"
+        )
+    prompt_text = _apply_template(tokenizer, pair.prompt, True, pair.source)
+    responses = []
+    for name, messages in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        full = _apply_template(tokenizer, [*pair.prompt, *messages], False, pair.source)
+        if not full.startswith(prompt_text):
+            raise DataError(
+                f"{pair.source}: the chat template does not render the prompt as a prefix of "
+                f"prompt+{name} (prompt ends {prompt_text[-40:]!r}, full rendering has "
+                f"{full[max(0, len(prompt_text) - 40) : len(prompt_text)]!r} there), so the "
+                f"{name} response cannot be split off"
+            )
+        responses.append(full[len(prompt_text) :])
+    return prompt_text, responses[0], responses[1]
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # verbose=False: long texts are truncated here, not by the tokenizer, so its warning
+    # about model_max_length is noise.
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(
+            "tokenizer has no eos_token_id; DPO appends EOS to every response, so set "
+            "tokenizer.eos_token first"
+        )
+    return int(eos)
+
+
+def _distinct_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    bos = tokenizer.bos_token_id
+    if bos is None or bos == tokenizer.eos_token_id:
+        return None
+    return int(bos)
+
+
+def _bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """[BOS] when the tokenizer's own encoding would start with a distinct BOS, else []."""
+    bos = _distinct_bos(tokenizer)
+    if bos is None:
+        return []
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if list(probe[:1]) == [bos] else []
+
+
+def _tokenize_parts(
+    pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, names: tuple[str, ...]
+) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids (BOS included) and response ids (EOS included) for the named responses."""
+    eos = _eos_id(tokenizer)
+    if not pair.is_conversational:
+        prompt = _bos_prefix(tokenizer) + _encode(tokenizer, pair.prompt)  # type: ignore[arg-type]
+        return prompt, [_encode(tokenizer, getattr(pair, n)) + [eos] for n in names]
+
+    prompt_text, chosen_text, rejected_text = render_chat(pair, tokenizer)
+    texts = {"chosen": chosen_text, "rejected": rejected_text}
+    prompt_body = _encode(tokenizer, prompt_text)
+    bos_text = tokenizer.bos_token if _distinct_bos(tokenizer) is not None else None
+    starts_with_bos = bool(bos_text) and prompt_text.startswith(bos_text)
+    prompt = prompt_body if starts_with_bos else _bos_prefix(tokenizer) + prompt_body
+    eos_text = tokenizer.eos_token
+    responses = []
+    for name in names:
+        text = texts[name]
+        full = _encode(tokenizer, prompt_text + text)
+        if full[: len(prompt_body)] == prompt_body:
+            ids = full[len(prompt_body) :]
+        else:  # the tokenizer merged across the boundary: tokenize the response alone
+            ids = _encode(tokenizer, text)
+        if not (eos_text and text.rstrip().endswith(eos_text)):
+            ids.append(eos)
+        responses.append(ids)
+    return prompt, responses
+
+
+def _check_lengths(max_length: int, max_prompt_length: int) -> None:
+    if not 0 <= max_prompt_length < max_length:
+        raise ValueError(
+            f"need 0 <= max_prompt_length < max_length, got max_prompt_length="
+            f"{max_prompt_length}, max_length={max_length}"
+        )
+
+
+def _truncate(
+    prompt: list[int],
+    responses: list[list[int]],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    truncation: Truncation,
+    bos: int | None,
+) -> tuple[list[int], list[list[int]]]:
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest > max_length and len(prompt) > max_prompt_length:
+        if truncation == "keep_start":
+            prompt = prompt[:max_prompt_length]
+        else:
+            # A leading BOS stays first: the model has only ever seen it there.
+            head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
+            head = head[:max_prompt_length]
+            tail = max_prompt_length - len(head)
+            prompt = head + (prompt[len(prompt) - tail :] if tail else [])
+    if len(prompt) + longest > max_length:
+        cap = max_length - max_prompt_length
+        responses = [r[:cap] for r in responses]
+    return prompt, responses
+
+
+def _prepare(
+    pair: PreferencePair,
+    tokenizer: PreTrainedTokenizerBase,
+    names: tuple[str, ...],
+    max_length: int,
+    max_prompt_length: int,
+    truncation: Truncation | None,
+) -> tuple[list[int], list[list[int]]]:
+    _check_lengths(max_length, max_prompt_length)
+    mode = truncation if truncation is not None else default_truncation(pair.format)
+    if mode not in ("keep_end", "keep_start"):
+        raise ValueError(f"unknown truncation {mode!r}; use 'keep_end' or 'keep_start'")
+    prompt, responses = _tokenize_parts(pair, tokenizer, names)
+    return _truncate(
+        prompt,
+        responses,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation=mode,
+        bos=_distinct_bos(tokenizer),
+    )
+
+
+def tokenize_pair(
+    pair: PreferencePair,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    truncation: Truncation | None = None,
+) -> dict[str, list[int]]:
+    """Token ids of a pair: ``prompt_input_ids``, ``{chosen,rejected}_{input_ids,labels}``.
+
+    ``*_input_ids`` are prompt + response (+EOS); ``*_labels`` are the same with the prompt
+    positions set to -100. Chosen and rejected share the same prompt ids. ``truncation=None``
+    means :func:`default_truncation` of the pair's format.
+    """
+    prompt, (chosen, rejected) = _prepare(
+        pair, tokenizer, ("chosen", "rejected"), max_length, max_prompt_length, truncation
+    )
+    masked = [IGNORE_INDEX] * len(prompt)
+    return {
+        "prompt_input_ids": prompt,
+        "chosen_input_ids": prompt + chosen,
+        "chosen_labels": masked + chosen,
+        "rejected_input_ids": prompt + rejected,
+        "rejected_labels": masked + rejected,
+    }
+
+
+def tokenize_sft(
+    pair: PreferencePair,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    truncation: Truncation | None = None,
+) -> dict[str, list[int]]:
+    """``input_ids``/``labels`` of prompt + chosen response, with the rules of tokenize_pair."""
+    prompt, (chosen,) = _prepare(
+        pair, tokenizer, ("chosen",), max_length, max_prompt_length, truncation
+    )
+    return {"input_ids": prompt + chosen, "labels": [IGNORE_INDEX] * len(prompt) + chosen}
