@@ -47,25 +47,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(e, debug)
 
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .models import ModelError
-    from .train import train
+    from .train import TrainingError, train
 
     try:
         train(cfg)
-    except (ConfigError, DataError, ModelError) as e:
+    except (ConfigError, DataError, ModelError, CheckpointError) as e:
         return _fail(e, debug)
+    except TrainingError as e:  # the run itself failed, not its input: status 1
+        return _fail(e, debug, status=1)
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130
     return 0
 
 
-def _fail(error: Exception, debug: bool) -> int:
+def _fail(error: Exception, debug: bool, status: int = 2) -> int:
     if debug:
         raise error
     print(f"preftune: error: {error}", file=sys.stderr)
-    return 2
+    return status
 
 
 if __name__ == "__main__":

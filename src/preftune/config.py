@@ -88,6 +88,13 @@ class TrainConfig:
                         "fewer keeps small runs fast)", ">= 0")
     max_new_tokens: int = _f("eval", 128, "max tokens per sample", "> 0")
     log_every: int = _f("eval", 1, "log metrics every N steps", "> 0")
+    save_every: int | None = _f("eval", None, "checkpoint every N steps, 0 = never; "
+                                "null = eval_every", ">= 0")
+    keep_checkpoints: int = _f("eval", 2, "keep the last N checkpoints", "> 0")
+    resume: str | None = _f("run", None, "true = continue from the latest checkpoint in "
+                            "output_dir (fresh start if none), or a checkpoint folder")
+    max_nonfinite_steps: int = _f("run", 3, "stop after N non-finite steps in a row (each "
+                                  "one's update is skipped)", "> 0")
     device: Literal["auto", "cpu", "cuda"] = _f("run", "auto", "auto = cuda if available")
     dtype: Literal["float32", "bfloat16"] = _f("run", "float32", "weights and compute "
                                                "(reference: float32)")
@@ -163,6 +170,8 @@ def _coerce(f: dataclasses.Field, tp: Any, v: Any) -> Any:
         raise ConfigError(f"{f.name}: expected one of {', '.join(choices)}, got {_show(v)}")
     want = {bool: "true or false", int: "an int", float: "a float", str: "a string"}[tp]
     out = v if isinstance(v, tp) and not (tp is not bool and isinstance(v, bool)) else None
+    if tp is str and isinstance(v, bool):  # `resume: true` in YAML reads as a bool
+        out = _show(v)
     if tp is float and not isinstance(v, bool):
         try:  # PyYAML reads 1e-6 (no dot) as a string; accept it for float keys
             out = float(v) if math.isfinite(float(v)) else None

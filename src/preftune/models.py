@@ -13,9 +13,12 @@ Every problem a user can cause is reported as a :class:`ModelError` with a one-l
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
+import logging
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 import transformers
 from packaging.version import Version
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -61,6 +65,12 @@ ALIASES: dict[str, GGUFAlias] = {
 }
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+# Files of which at least one is in every tokenizer folder AutoTokenizer can load.
+_TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                       "tokenizer.model", "spiece.model", "*.tiktoken")
+# What from_pretrained raises for a folder with unreadable files (JSON, safetensors, pickle, zip).
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, EOFError, SafetensorError,
+                pickle.UnpicklingError)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 # transformers renamed `torch_dtype` to `dtype` in 4.56; accept both generations.
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -84,9 +94,24 @@ def resolve_model(name: str) -> str:
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model name (alias, local folder or Hub id); needs no weights."""
+    """The tokenizer of a model name (alias, local folder or Hub id); needs no weights.
+
+    It must have an EOS token: every response ends with one (and padding falls back to it).
+    """
     path = _resolve(name, need_weights=False)
-    return _from_pretrained(AutoTokenizer, name, path, trust_remote_code=trust_remote_code)
+    folder = Path(path)
+    if folder.is_dir() and not any(any(folder.glob(p)) for p in _TOKENIZER_PATTERNS):
+        raise ModelError(
+            f"{name}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, "
+            "tokenizer.model, ...); point tokenizer= at a folder that has them"
+        )
+    tokenizer = _from_pretrained(AutoTokenizer, name, path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ModelError(
+            f"{name}: the tokenizer has no EOS token; preftune ends every response with EOS, "
+            "so set eos_token in its tokenizer_config.json"
+        )
+    return tokenizer
 
 
 def load_model(
@@ -94,11 +119,18 @@ def load_model(
 ) -> PreTrainedModel:
     """A causal LM (alias, local folder or Hub id) in ``dtype``, with every dropout disabled.
 
-    The train/eval mode is left as ``from_pretrained`` returns it; callers set it.
+    The train/eval mode is left as ``from_pretrained`` returns it; callers set it. Weights that
+    are missing from the checkpoint, or whose shape differs from ``config.json``, are an error
+    (``transformers`` would initialise them randomly, or fail after printing a long table).
     """
     path = _resolve(name, need_weights=True)
-    kwargs = {_DTYPE_KWARG: dtype, "trust_remote_code": trust_remote_code}
-    model = _from_pretrained(AutoModelForCausalLM, name, path, **kwargs)
+    kwargs = {_DTYPE_KWARG: dtype, "trust_remote_code": trust_remote_code,
+              "output_loading_info": True, "ignore_mismatched_sizes": True}
+    with _held_load_report():
+        model, info = _from_pretrained(AutoModelForCausalLM, name, path, **kwargs)
+        problem = _weights_problem(info)
+        if problem:
+            raise ModelError(f"{name}: weights do not match its config.json: {problem}")
     disable_dropout(model)
     return model
 
@@ -157,6 +189,8 @@ def _resolve(name: str, *, need_weights: bool) -> str:
     if path.is_dir():
         if need_weights and not _has_weights(path):
             raise ModelError(f"{name}: no model weights (*.safetensors or *.bin) found")
+        if need_weights and not (path / "config.json").is_file():
+            raise ModelError(f"{name}: no config.json, so not a Hugging Face model folder")
         return str(path)
     if path.exists():
         raise ModelError(f"{name}: not a model folder (a file)")
@@ -180,10 +214,14 @@ def _from_pretrained(auto_class, name: str, path: str, **kwargs):
     """``auto_class.from_pretrained(path)`` with failures turned into one-line ModelErrors."""
     try:
         return auto_class.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+    except _LOAD_ERRORS as err:
         if isinstance(err, ModelError):
             raise
         reason = _first_line(err)
+        if isinstance(err, SafetensorError):
+            reason = f"a *.safetensors weights file is corrupt or incomplete ({reason})"
+        elif isinstance(err, pickle.UnpicklingError):  # torch's own text is about weights_only
+            reason = "a *.bin weights file is corrupt or not a plain PyTorch state dict"
         if Path(path).expanduser().is_dir():
             raise ModelError(f"{name}: could not be loaded: {reason}") from err
         raise ModelError(
@@ -192,9 +230,65 @@ def _from_pretrained(auto_class, name: str, path: str, **kwargs):
         ) from err
 
 
-def _first_line(err: BaseException) -> str:
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error, or all of it on one line when the first ends with ':'."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0].strip()
+    if line.endswith(":"):
+        line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _weights_problem(info: dict) -> str:
+    """What ``output_loading_info`` says is wrong with the loaded weights, or ''."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or (), key=str)
+    parts = []
+    if missing:
+        shown = ", ".join(missing[:2]) + (", ..." if len(missing) > 2 else "")
+        parts.append(f"{len(missing)} weights missing from the checkpoint ({shown})")
+    if mismatched:
+        shown = []
+        for item in mismatched[:2]:
+            if isinstance(item, tuple | list) and len(item) == 3:
+                key, ckpt, model = item
+                shown.append(f"{key}: {list(ckpt)} in the checkpoint, {list(model)} in config")
+            else:
+                shown.append(str(item))
+        more = ", ..." if len(mismatched) > 2 else ""
+        parts.append(f"{len(mismatched)} weights with another shape ({'; '.join(shown)}{more})")
+    return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def _held_load_report():
+    """Hold back the weight-loading report ``transformers`` logs while loading.
+
+    When the block succeeds the held report is logged as usual (one about, say, unused
+    checkpoint keys is worth seeing); when it raises, the one-line error replaces it.
+    """
+    logger = logging.getLogger("transformers.modeling_utils")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" in message or message.startswith("Some weights of"):
+            held.append(record)
+            return False
+        return True
+
+    logger.addFilter(hold)
+    try:
+        yield
+    except BaseException:
+        held.clear()
+        raise
+    finally:
+        logger.removeFilter(hold)
+        for record in held:
+            logger.handle(record)
 
 
 # ---------------------------------------------------------------------------------------------

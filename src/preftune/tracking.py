@@ -28,9 +28,9 @@ class JsonlWriter:
 class Progress:
     """A progress bar over optimizer steps showing loss, reward accuracy, margin and speed."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+    def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0) -> None:
         self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True,
-                        disable=not enabled, file=sys.stderr)
+                        disable=not enabled, file=sys.stderr, initial=initial)
 
     def update(self, record: dict[str, Any]) -> None:
         shown = {"loss": f"{record['loss']:.4f}"}

@@ -8,8 +8,11 @@ logs, evaluates and samples; what a loss *is* lives in ``step`` and ``losses``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -17,8 +20,16 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import yaml
 
-from .config import ConfigError, DPOConfig, TrainConfig, dump_config
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import ConfigError, DPOConfig, TrainConfig, config_to_dict, dump_config
 from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
 from .data.tokenize import default_truncation
 from .evaluate import evaluate, generate
@@ -53,6 +64,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         updates["output_dir"] = f"runs/{stage}-{datetime.now():%Y%m%d-%H%M%S}"
     if cfg.sample_every is None:
         updates["sample_every"] = cfg.eval_every
+    if cfg.save_every is None:
+        updates["save_every"] = cfg.eval_every
     if isinstance(cfg, DPOConfig) and cfg.reference is None:
         updates["reference"] = cfg.model
     return dataclasses.replace(cfg, **updates)
@@ -71,10 +84,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_output_dir(path: Path) -> None:
-    if (path / "metrics.jsonl").exists():
-        raise ConfigError(f"output_dir: {path} already holds a run (metrics.jsonl); "
-                          "choose a new output_dir")
+def prepare_output_dir(path: Path, *, resuming: bool) -> None:
+    if (path / "metrics.jsonl").exists() and not resuming:
+        raise ConfigError(f"output_dir: {path} already holds a run (metrics.jsonl); choose a new "
+                          "output_dir, or resume=true to continue it")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -82,6 +95,73 @@ def prepare_output_dir(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output_dir: {path} is not writable ({e.strerror})") from None
+
+
+def preflight(cfg: TrainConfig, out: Path) -> None:
+    """Fail before loading anything if the disk cannot hold a checkpoint and the export."""
+    folder = Path(cfg.model)
+    if not folder.is_dir():
+        return  # a hub id or alias: size unknown until downloaded or converted
+    weights = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin")
+                  for f in folder.glob(pattern))
+    optimizer_copies = 1 if cfg.optimizer == "rmsprop" else 2
+    need = weights * (1 + optimizer_copies) + weights  # one checkpoint + the final export
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ConfigError(f"output_dir: {out} has {free / 1e9:.2f} GB free; a checkpoint and "
+                          f"the export of this model need about {need / 1e9:.2f} GB")
+
+
+# Keys that may change when resuming: they do not alter the steps already taken.
+RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "eval_every", "sample_every", "save_every",
+                     "keep_checkpoints", "log_every", "n_samples", "max_new_tokens", "device",
+                     "max_nonfinite_steps"}
+
+
+def find_resume_point(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from: ``resume=true`` takes the latest one in output_dir (none
+    yet means a fresh start), ``resume=PATH`` that checkpoint."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume.lower() in ("true", "latest"):
+        found = latest_checkpoint(out)
+    else:
+        found = Path(cfg.resume)
+        if not found.is_dir():
+            raise ConfigError(f"resume: {found} is not a checkpoint folder")
+    saved = out / "config.yaml"
+    if found is not None and saved.is_file():
+        before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        now = config_to_dict(cfg)
+        for key, value in now.items():
+            if key not in RESUMABLE_CHANGES and key in before and before[key] != value:
+                raise ConfigError(f"resume: {key} is {value!r} here but {before[key]!r} in the "
+                                  f"run being resumed ({saved})")
+    return found
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a log file; a last line cut by a crash is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def truncate_logs(out: Path, step: int) -> None:
+    """Drop log records written after the checkpoint being resumed (step 0: all of them)."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = out / name
+        kept = [r for r in read_jsonl(path) if step > 0 and r["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept),
+                       encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def load_data(cfg: TrainConfig, tokenizer, out: Path) -> Data:
@@ -152,38 +232,50 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
-    """Run one stage end to end; returns the output folder."""
-    cfg = resolve(cfg)
-    stage = _stage(cfg)
-    out = Path(cfg.output_dir)
-    prepare_output_dir(out)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite steps); the message is one line."""
+
+
+def build_models(cfg: TrainConfig, device: torch.device):
+    """The trainable policy and, for DPO, the frozen reference (None when reference-free)."""
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-
-    tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
-    pad_id = pad_id_for(tokenizer)
-    data = load_data(cfg, tokenizer, out)
-    dump_config(cfg, out / "config.yaml")
-
     policy = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     policy.to(device).train()
     disable_dropout(policy)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Reference-free runs load no reference: their rewards are measured against 0.
+    if _stage(cfg) == "sft" or cfg.reference_free:
+        return policy, None
+    reference = load_model(cfg.reference, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    reference.to(device).eval().requires_grad_(False)
+    disable_dropout(reference)
+    p_vocab = policy.get_output_embeddings().weight.shape[0]
+    r_vocab = reference.get_output_embeddings().weight.shape[0]
+    if p_vocab != r_vocab:
+        raise ConfigError(f"reference: vocabulary size {r_vocab} differs from model's {p_vocab}")
+    return policy, reference
 
-    reference = None
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
+    """Run one stage end to end; returns the output folder."""
+    cfg = resolve(cfg)
+    stage = _stage(cfg)
+    out = Path(cfg.output_dir)
+    resume_from = find_resume_point(cfg, out)
+    prepare_output_dir(out, resuming=cfg.resume is not None)
+    preflight(cfg, out)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+
+    tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    pad_id = pad_id_for(tokenizer)
+    data = load_data(cfg, tokenizer, out)
+    policy, reference = build_models(cfg, device)
     if stage == "dpo":
         objective = DPOObjective(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
                                  reference_free=cfg.reference_free, logps=cfg.logps)
         collate = collate_pairs
-        # Reference-free runs load no reference: their rewards are measured against 0.
-        if not cfg.reference_free:
-            reference = load_model(cfg.reference, dtype=dtype,
-                                   trust_remote_code=cfg.trust_remote_code)
-            reference.to(device).eval().requires_grad_(False)
-            disable_dropout(reference)
     else:
         objective, collate = SFTObjective(), collate_sft
 
@@ -193,21 +285,32 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.scheduler))
 
+    counters = {"step": 0, "examples": 0, "tokens": 0, "skipped_steps": 0, "nonfinite_run": 0}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, policy)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        counters.update(state["counters"])
+    if cfg.resume is not None:
+        truncate_logs(out, counters["step"])
+    dump_config(cfg, out / "config.yaml")
+
     metrics = JsonlWriter(out / "metrics.jsonl")
     samples_log = JsonlWriter(out / "samples.jsonl")
-    bar = Progress(total_steps, desc=stage, enabled=progress)
-    eval_history: list[dict] = []
+    bar = Progress(total_steps, desc=stage, enabled=progress, initial=counters["step"])
+    eval_history = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "eval"]
 
-    def run_eval(step: int, examples_seen: int) -> None:
+    def run_eval() -> None:
         batches = micro_batches(data.eval, cfg.micro_batch_size, collate, pad_id, device)
-        record = {"split": "eval", "step": step, "examples": examples_seen,
+        record = {"split": "eval", "step": counters["step"], "examples": counters["examples"],
                   **evaluate(policy, reference, objective, batches)}
         metrics.write(record)
         eval_history.append(record)
-        bar.write(f"eval step {step}: " + ", ".join(
+        bar.write(f"eval step {counters['step']}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)))
 
-    def run_samples(step: int) -> None:
+    def run_samples() -> None:
         if not data.sample_prompts:
             return
         batch = collate_pairs(data.sample_prompts, pad_id)
@@ -220,53 +323,68 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         prompts = tokenizer.batch_decode(
             [ex["prompt_input_ids"] for ex in data.sample_prompts], skip_special_tokens=False)
         for i, prompt in enumerate(prompts):
-            samples_log.write({"step": step, "prompt": prompt,
+            samples_log.write({"step": counters["step"], "prompt": prompt,
                                **{name: texts[i] for name, texts in completions.items()}})
 
-    run_eval(0, 0)  # the baseline: a DPO loss of ln 2 when policy and reference are equal
-    examples_seen = tokens_seen = 0
-    step = 0
-    epoch = 0
-    while step < total_steps:
-        for indices in batch_order(len(data.train), cfg.batch_size, cfg.seed, epoch):
-            if step >= total_steps:
-                break
-            start = time.perf_counter()
-            batches = list(micro_batches([data.train[i] for i in indices],
-                                         cfg.micro_batch_size, collate, pad_id, device))
-            denominator = objective.denominator(batches)
-            stats: Counter = Counter()
-            for batch in batches:
-                loss, micro_stats = objective(policy, reference, batch, denominator)
-                loss.backward()
-                stats.update(micro_stats)
-            clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip).item()
-            lr = scheduler.get_last_lr()[0]
+    def due(every: int | None) -> bool:
+        return bool(every) and counters["step"] % every == 0 and counters["step"] < total_steps
+
+    if counters["step"] == 0:
+        run_eval()  # the baseline: a DPO loss of ln 2 when policy and reference are equal
+    while counters["step"] < total_steps:
+        # The batch of a step is a pure function of (seed, step): resuming needs no data state.
+        epoch, index = divmod(counters["step"], steps_per_epoch)
+        indices = batch_order(len(data.train), cfg.batch_size, cfg.seed, epoch)[index]
+        start = time.perf_counter()
+        batches = list(micro_batches([data.train[i] for i in indices],
+                                     cfg.micro_batch_size, collate, pad_id, device))
+        denominator = objective.denominator(batches)
+        stats: Counter = Counter()
+        for batch in batches:
+            loss, micro_stats = objective(policy, reference, batch, denominator)
+            loss.backward()
+            stats.update(micro_stats)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+        lr = scheduler.get_last_lr()[0]
+        finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
+        if finite:
             optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            examples_seen += len(indices)
-            tokens_seen += stats["tokens"]
-            elapsed = time.perf_counter() - start
+            counters["nonfinite_run"] = 0
+        else:  # skip the update; the schedule still advances with the step count
+            counters["skipped_steps"] += 1
+            counters["nonfinite_run"] += 1
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        counters["step"] += 1
+        counters["examples"] += len(indices)
+        counters["tokens"] += stats["tokens"]
 
-            record = {"split": "train", "step": step, "examples": examples_seen,
-                      **finalize(stats), "grad_norm": grad_norm, "lr": lr,
-                      "tokens": tokens_seen, "examples_per_second": len(indices) / elapsed}
-            bar.update(record)
-            if step % cfg.log_every == 0 or step == total_steps:
-                metrics.write(record)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                run_eval(step, examples_seen)
-            if cfg.n_samples and cfg.sample_every and step % cfg.sample_every == 0 \
-                    and step < total_steps:
-                run_samples(step)
-        epoch += 1
+        record = {"split": "train", "step": counters["step"], "examples": counters["examples"],
+                  **finalize(stats), "grad_norm": grad_norm, "lr": lr,
+                  "tokens": counters["tokens"], "skipped_steps": counters["skipped_steps"],
+                  "examples_per_second": len(indices) / (time.perf_counter() - start)}
+        bar.update(record)
+        if counters["step"] % cfg.log_every == 0 or counters["step"] == total_steps or not finite:
+            metrics.write(record)
+        if not finite:
+            bar.write(f"step {counters['step']}: non-finite loss or gradient, update skipped")
+            if counters["nonfinite_run"] >= cfg.max_nonfinite_steps:
+                last = latest_checkpoint(out)
+                raise TrainingError(
+                    f"stopping: {counters['nonfinite_run']} non-finite steps in a row (last at "
+                    f"step {counters['step']}); last good checkpoint: {last or 'none'}")
+        if due(cfg.eval_every):
+            run_eval()
+        if cfg.n_samples and due(cfg.sample_every):
+            run_samples()
+        if due(cfg.save_every) and counters["nonfinite_run"] == 0:
+            save_checkpoint(out, counters["step"], policy, {
+                "counters": dict(counters), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state()}, cfg.keep_checkpoints)
 
-    run_eval(step, examples_seen)
+    run_eval()
     if cfg.n_samples:
-        run_samples(step)
+        run_samples()
     bar.close()
     metrics.close()
     samples_log.close()

@@ -277,7 +277,7 @@ def _json_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
             data = [data]  # a single object on its own
     if not isinstance(data, list):
         raise DataError(
-            f"{name}: top-level JSON value is a {type(data).__name__}, expected a list of objects"
+            f"{name}: top-level JSON value is {_a_type(data)}, expected a list of objects"
         )
     for i, record in enumerate(data, 1):
         yield f"{name}:{i}", record
@@ -333,6 +333,12 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _a_type(value: Any) -> str:
+    """``'an int'``, ``'a list'``, ``'null'``: the type name with its article, for messages."""
+    name = _type_name(value)
+    return name if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def detect_format(record: Mapping[str, Any]) -> str | None:
     """The format name a record's fields match, or None."""
     keys = set(record)
@@ -364,7 +370,7 @@ def _undetected(location: str, record: Mapping[str, Any]) -> DataError:
     known = "; ".join(f"{k}: {v}" for k, v in _FORMAT_FIELDS.items())
     return DataError(
         f"{location}: cannot detect the data format; fields found: {found}; known formats: "
-        f"{known}; pass format= to choose one"
+        f"{known}; choose one with dataset_format= (format= in read_pairs)"
     )
 
 
@@ -427,8 +433,8 @@ def _parse_hh(record: Mapping[str, Any], location: str, _: float) -> PreferenceP
     if not rejected.startswith(prompt):
         raise _Skip(
             "prompt mismatch",
-            "the rejected transcript does not start with the chosen transcript's prompt "
-            "(everything up to its last '\\n\\nAssistant:')",
+            "the rejected transcript does not start with the chosen transcript's prompt, "
+            "which is everything up to its last '\\n\\nAssistant:'",
         )
     return _finish(prompt, chosen[len(prompt) :], rejected[len(prompt) :], location, "hh")
 
@@ -599,8 +605,9 @@ def read_pairs(
     :class:`DataError` with ``strict=True``); ``min_score_ratio`` filters SHP pairs. Once
     iteration ends, a summary of skipped rows goes to stderr unless ``quiet``.
 
-    Problems with the file itself (missing, unreadable, empty, bad JSON or UTF-8) raise
-    :class:`DataError`; a missing path or unknown ``format`` does so at call time.
+    Problems with the file itself (missing, unreadable, empty, bad JSON or UTF-8, or every row
+    skipped: "no usable pairs in FILE: <summary>") raise :class:`DataError`; a missing path or
+    unknown ``format`` does so at call time.
     """
     if format is not None and format not in FORMATS:
         raise DataError(f"unknown format {format!r}; known formats: {', '.join(FORMATS)}")
@@ -626,14 +633,14 @@ def _iter_pairs(
     min_score_ratio: float,
     quiet: bool,
 ) -> Iterator[PreferencePair]:
-    skipped_before = report.skipped
+    skipped_before, kept_before = report.skipped, report.kept
     seen = 0
     for location, record in records:
         seen += 1
         if fmt is None:
             if not isinstance(record, Mapping):
                 raise DataError(
-                    f"{location}: record is a {_type_name(record)}, expected an object with fields"
+                    f"{location}: record is {_a_type(record)}, expected an object with fields"
                 )
             fmt = detect_format(record)
             if fmt is None:
@@ -653,6 +660,9 @@ def _iter_pairs(
         yield pair
     if seen == 0:
         raise DataError(f"{name}: no records (empty file)")
+    if report.kept == kept_before:
+        # Every row was skipped: a file-level problem (often the wrong format), not a row's.
+        raise DataError(f"no usable pairs in {name}: {report.summary()}")
     if not quiet and report.skipped > skipped_before:
         print(report.summary(), file=sys.stderr)
 

@@ -1,0 +1,498 @@
+"""Exact fast paths for the DPO log-probs of a micro-batch (same result as ``concatenated_logps``).
+
+Three techniques, each usable on its own (flags of :func:`pair_logps`):
+
+* **chunked** -- run the decoder body only (final norm included), take the hidden state that
+  predicts each *labelled* token, and compute ``log p(label)`` through the output layer in
+  chunks of ``chunk_size`` tokens (float32 logsumexp) with an autograd Function that recomputes
+  the chunk logits in backward. No ``[B, T, V]`` tensor exists, and at most one ``[chunk, V]``
+  chunk of logits is alive at a time, in forward and in backward.
+* **share_prompt** -- each pair is one sequence ``[shared prefix, chosen tail, rejected tail]``.
+  The shared prefix is the longest common prefix of the chosen and rejected ids (the prompt, or
+  more when both responses start alike), so it is computed once. Position ids restart the
+  rejected tail at the prefix length, and a 4D mask keeps rejected tokens from seeing chosen
+  ones, so every token sees exactly the context it has in a separate forward. Each scored token
+  is predicted from its *predecessor* in its own sequence: the first rejected token from the
+  last prefix position, not from the last chosen token.
+* **pack** -- the units (pair sequences, or single chosen/rejected sequences without
+  ``share_prompt``) are packed first-fit-decreasing into rows of at most ``token_budget`` tokens
+  (default and minimum: the longest unit, so no row is longer than the plain batch's), with
+  per-unit position ids and a block-diagonal 4D mask. Pad tokens are only the tail of each row,
+  and there are fewer rows. Attention still costs ``rows * L^2`` (a dense masked kernel); the
+  per-token work (projections, MLP, head) is done on (almost) real tokens only.
+
+The layout techniques need a model whose attention takes a custom 4D mask and position ids as
+given: transformers' Llama, Mistral, Qwen2, Qwen3 and GPT-2 with the ``sdpa`` or ``eager``
+attention (``create_causal_mask`` returns a 4D mask as-is; ``sdpa`` gets a boolean mask, True =
+attend, ``eager`` an additive float mask). A sliding window longer than every sequence is a
+no-op and is accepted; a shorter one is not (the model would not apply it to a custom mask).
+The chunked head needs a plain ``nn.Linear`` output layer and no logit soft-capping/scaling.
+Anything else falls back (per technique) to the plain computation with one warning, so results
+are always those of ``concatenated_logps`` up to float rounding. Exactness also assumes no
+dropout (the training loop disables it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data.collate import collate_pairs
+from .logprobs import IGNORE_INDEX, PairLogps, concatenated_logps
+
+__all__ = [
+    "FastpathFallbackWarning",
+    "PackedLayout",
+    "build_layout",
+    "chunked_target_logps",
+    "pair_logps",
+    "supports_fastpath",
+]
+
+Examples = Sequence[Mapping[str, Sequence[int]]] | Mapping[str, Tensor]
+
+# Causal-LM classes whose forward is exactly ``lm_head(base_model(...).last_hidden_state)`` and
+# whose attention honours a custom 4D mask plus position ids (checked against transformers 5).
+_FAMILIES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GPT2LMHeadModel",
+}
+_MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+# Config attributes of output-layer extras that a plain linear head does not reproduce.
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_mult")
+
+
+class FastpathFallbackWarning(UserWarning):
+    """A requested fast path is not available for this model; the plain path is used."""
+
+
+# ----------------------------------------------------------------------------- support checks
+
+
+def _family_reason(model: nn.Module) -> str | None:
+    from transformers import PreTrainedModel
+
+    name = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        return f"{name} is not a transformers PreTrainedModel"
+    if name not in _FAMILIES or not type(model).__module__.startswith("transformers.models."):
+        return f"unknown architecture {name} (supported: {', '.join(sorted(_FAMILIES))})"
+    if model.base_model is model:
+        return f"{name} has no separate decoder body"
+    return None
+
+
+def _chunk_reason(model: nn.Module) -> str | None:
+    reason = _family_reason(model)
+    if reason:
+        return reason
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return f"output layer is {type(head).__name__}, not a plain nn.Linear"
+    for attr in _HEAD_EXTRAS:
+        value = getattr(model.config, attr, None)
+        if value is not None and value != 1:
+            return f"config.{attr}={value} changes the logits"
+    return None
+
+
+def _layout_reason(model: nn.Module) -> str | None:
+    reason = _family_reason(model)
+    if reason:
+        return reason
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in _MASK_IMPLEMENTATIONS:
+        return f"attention implementation {impl!r} does not take a custom 4D mask"
+    return None
+
+
+def _window_reason(model: nn.Module, longest: int) -> str | None:
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if window is not None and longest > window:
+        return f"sliding_window={window} is shorter than a sequence ({longest} tokens)"
+    return None
+
+
+def supports_fastpath(
+    model: nn.Module, *, chunked: bool = True, share_prompt: bool = True, pack: bool = True
+) -> bool | str:
+    """True when every requested technique applies to ``model``, else the reason(s) why not.
+
+    Data-dependent limits (a sliding window shorter than a sequence) are checked by
+    :func:`pair_logps` per batch.
+    """
+    reasons = []
+    if chunked and (r := _chunk_reason(model)):
+        reasons.append(f"chunked: {r}")
+    if (share_prompt or pack) and (r := _layout_reason(model)):
+        reasons.append(f"share_prompt/pack: {r}")
+    return "; ".join(reasons) if reasons else True
+
+
+# ----------------------------------------------------------------------------- chunked head
+
+
+class _ChunkedTargetLogp(torch.autograd.Function):
+    """log softmax(hidden @ W.T + b)[target] per row, chunk by chunk; logits recomputed in backward.
+
+    Saved for backward: hidden [N, H], weight, bias, targets [N] and logsumexp [N]; never logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: ANN001
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            logits = F.linear(hidden[start:end], weight, bias).to(acc)
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, targets[start:end, None]).squeeze(-1)
+            out[start:end] = picked - lse[start:end]
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = lse.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        chunk = ctx.chunk_size
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            h = hidden[start:end]
+            g = grad_out[start:end].to(acc)[:, None]
+            # d logp[target] / d logits = onehot(target) - softmax(logits)
+            dlogits = F.linear(h, weight, bias).to(acc)
+            dlogits.sub_(lse[start:end, None]).exp_().mul_(-g)
+            dlogits.scatter_add_(1, targets[start:end, None], g)
+            if need_b:
+                grad_b += dlogits.sum(0)
+            d = dlogits.to(weight.dtype)
+            del dlogits
+            if need_h:
+                grad_h[start:end] = d @ weight
+            if need_w:
+                grad_w += d.t() @ h
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def chunked_target_logps(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 1024
+) -> Tensor:
+    """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]`` for hidden [N, H] -> [N].
+
+    Computed ``chunk_size`` rows at a time in float32 (float64 stays float64); backward
+    recomputes each chunk's logits, so memory holds at most one [chunk_size, V] block.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedTargetLogp.apply(hidden, weight, bias, targets, chunk_size)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Rows to run through the model, and where each scored token's predictor sits in them.
+
+    ``position_ids``/``segment_ids``/``branch_ids`` are None for the plain layout (one row per
+    sequence, 2D ``padding_mask``). Otherwise ``segment_ids`` numbers the units (-1 on padding)
+    and ``branch_ids`` is 0 on tokens every unit token may see (shared prefix, or a whole
+    unshared sequence), 1 on a chosen tail and 2 on a rejected tail.
+    """
+
+    input_ids: Tensor  # [R, L]
+    padding_mask: Tensor  # [R, L], 1 on real tokens
+    position_ids: Tensor | None  # [R, L]
+    segment_ids: Tensor | None  # [R, L]
+    branch_ids: Tensor | None  # [R, L]
+    source: Tensor  # [N] flat index into R * L of the position predicting each scored token
+    targets: Tensor  # [N] the scored token ids
+    sequence: Tensor  # [N] i for pair i's chosen, n_pairs + i for its rejected
+    counts: Tensor  # [2 * n_pairs] scored tokens per sequence
+    n_pairs: int
+
+    def attention_mask(self, implementation: str, dtype: torch.dtype) -> Tensor:
+        """2D padding mask (plain layout), else the 4D mask [R, 1, L, L] for ``implementation``.
+
+        ``sdpa`` gets a boolean mask (True = attend); ``eager`` an additive one (0 or the
+        dtype's minimum). Padding queries attend only to themselves, which keeps them finite.
+        """
+        if self.segment_ids is None or self.branch_ids is None:
+            return self.padding_mask
+        seg, branch = self.segment_ids, self.branch_ids
+        length = seg.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
+        allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0) & causal
+        allowed &= (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+        allowed |= torch.eye(length, dtype=torch.bool, device=seg.device)
+        allowed = allowed[:, None]
+        if implementation == "sdpa":
+            return allowed
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
+class _Unit:
+    ids: list[int]
+    positions: list[int]
+    branch: list[int]
+    pred: list[int]  # local index of the predicting position of each scored token
+    targets: list[int]
+    sequence: list[int]
+
+
+def _as_examples(examples: Examples) -> list[dict[str, list[int]]]:
+    """Tokenized examples as lists; a right-padded collated batch is un-padded."""
+    if isinstance(examples, Mapping):
+        out: list[dict[str, list[int]]] = [{} for _ in range(len(examples["chosen_input_ids"]))]
+        for name in ("chosen", "rejected"):
+            ids, mask = examples[f"{name}_input_ids"], examples[f"{name}_attention_mask"]
+            labels = examples[f"{name}_labels"]
+            for i, n in enumerate(mask.sum(-1).tolist()):
+                if not bool(mask[i, :n].all()):
+                    raise ValueError(f"{name} row {i} is not right-padded")
+                out[i][f"{name}_input_ids"] = ids[i, :n].tolist()
+                out[i][f"{name}_labels"] = labels[i, :n].tolist()
+        return out
+    return [
+        {k: list(e[k]) for k in ("chosen_input_ids", "chosen_labels",
+                                 "rejected_input_ids", "rejected_labels")}
+        for e in examples
+    ]
+
+
+def _scored(labels: list[int], pred_of: Any, sequence: int, unit: _Unit) -> int:
+    count = 0
+    for t in range(1, len(labels)):
+        if labels[t] != IGNORE_INDEX:
+            unit.pred.append(pred_of(t - 1))
+            unit.targets.append(labels[t])
+            unit.sequence.append(sequence)
+            count += 1
+    return count
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _units(examples: list[dict[str, list[int]]], share_prompt: bool) -> tuple[list[_Unit], list[int]]:
+    b = len(examples)
+    counts = [0] * (2 * b)
+    units: list[_Unit] = []
+    if share_prompt:
+        for i, e in enumerate(examples):
+            c, r = e["chosen_input_ids"], e["rejected_input_ids"]
+            nc, nr = len(c), len(r)
+            s = _common_prefix(c, r)
+            u = _Unit(
+                ids=c + r[s:],
+                positions=list(range(nc)) + list(range(s, nr)),
+                branch=[0] * s + [1] * (nc - s) + [2] * (nr - s),
+                pred=[], targets=[], sequence=[],
+            )
+            counts[i] = _scored(e["chosen_labels"], lambda p: p, i, u)
+            # a rejected position p >= s sits after the chosen tail: at nc + (p - s)
+            counts[b + i] = _scored(
+                e["rejected_labels"], lambda p, s=s, nc=nc: p if p < s else nc + p - s, b + i, u
+            )
+            units.append(u)
+    else:  # all chosen, then all rejected: the row order of concatenated_logps
+        for side, name in enumerate(("chosen", "rejected")):
+            for i, e in enumerate(examples):
+                ids = e[f"{name}_input_ids"]
+                u = _Unit(ids=list(ids), positions=list(range(len(ids))), branch=[0] * len(ids),
+                          pred=[], targets=[], sequence=[])
+                counts[side * b + i] = _scored(e[f"{name}_labels"], lambda p: p, side * b + i, u)
+                units.append(u)
+    return units, counts
+
+
+def _pack(lengths: list[int], budget: int) -> list[list[int]]:
+    """First-fit decreasing: unit indices per row, each row's total length <= budget."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for u in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for r, room in enumerate(free):
+            if lengths[u] <= room:
+                rows[r].append(u)
+                free[r] -= lengths[u]
+                break
+        else:
+            rows.append([u])
+            free.append(budget - lengths[u])
+    return rows
+
+
+def build_layout(
+    examples: Examples,
+    *,
+    pad_token_id: int,
+    share_prompt: bool = True,
+    pack: bool = True,
+    token_budget: int | None = None,
+    device: torch.device | str | None = None,
+) -> PackedLayout:
+    """Lay a micro-batch out as model rows (see the module docstring for the techniques).
+
+    ``token_budget`` caps a packed row's length; it is raised to the longest unit when
+    smaller, and defaults to it. Without ``share_prompt`` and ``pack`` this is the plain
+    layout of ``concatenated_logps`` (chosen rows then rejected rows, 2D padding mask).
+    """
+    rows_examples = _as_examples(examples)
+    if not rows_examples:
+        raise ValueError("cannot lay out an empty batch")
+    n_pairs = len(rows_examples)
+    units, counts = _units(rows_examples, share_prompt)
+    lengths = [len(u.ids) for u in units]
+    if pack:
+        budget = max(max(lengths), token_budget or 0)
+        rows = _pack(lengths, budget)
+    else:
+        rows = [[k] for k in range(len(units))]
+    length = max(sum(lengths[k] for k in row) for row in rows)
+
+    ids, pos, seg, branch, real = [], [], [], [], []
+    source: list[int] = []
+    targets: list[int] = []
+    sequence: list[int] = []
+    for r, row in enumerate(rows):
+        row_ids, row_pos, row_seg, row_branch = [], [], [], []
+        for k in row:
+            u = units[k]
+            base = r * length + len(row_ids)
+            source.extend(base + p for p in u.pred)
+            targets.extend(u.targets)
+            sequence.extend(u.sequence)
+            row_ids += u.ids
+            row_pos += u.positions
+            row_seg += [k] * len(u.ids)
+            row_branch += u.branch
+        pad = length - len(row_ids)
+        real.append([1] * len(row_ids) + [0] * pad)
+        ids.append(row_ids + [pad_token_id] * pad)
+        pos.append(row_pos + [0] * pad)
+        seg.append(row_seg + [-1] * pad)
+        branch.append(row_branch + [0] * pad)
+
+    def t(x: list) -> Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    layout_4d = share_prompt or pack
+    return PackedLayout(
+        input_ids=t(ids),
+        padding_mask=t(real),
+        position_ids=t(pos) if layout_4d else None,
+        segment_ids=t(seg) if layout_4d else None,
+        branch_ids=t(branch) if layout_4d else None,
+        source=t(source),
+        targets=t(targets),
+        sequence=t(sequence),
+        counts=t(counts),
+        n_pairs=n_pairs,
+    )
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _plain_batch(examples: Examples, pad_token_id: int) -> dict[str, Tensor]:
+    if isinstance(examples, Mapping):
+        return dict(examples)
+    return collate_pairs(examples, pad_token_id)
+
+
+def pair_logps(
+    model: nn.Module,
+    examples: Examples,
+    *,
+    pad_token_id: int,
+    average: bool = False,
+    chunked: bool = True,
+    chunk_size: int = 1024,
+    share_prompt: bool = True,
+    pack: bool = True,
+    token_budget: int | None = None,
+) -> PairLogps:
+    """Chosen/rejected log-probs of a micro-batch, as ``concatenated_logps`` computes them.
+
+    ``examples`` is a list of ``tokenize_pair`` outputs, or the right-padded batch of
+    ``collate_pairs``. Pairs keep their input order. ``average`` gives the mean per scored
+    token. Techniques the model cannot use fall back to the plain path with one
+    :class:`FastpathFallbackWarning`.
+    """
+    reasons = []
+    if chunked and (r := _chunk_reason(model)):
+        reasons.append(f"chunked log-probs off ({r})")
+        chunked = False
+    if share_prompt or pack:
+        r = _layout_reason(model)
+        if r is None:
+            lists = _as_examples(examples)
+            longest = max(len(e[f"{s}_input_ids"]) for e in lists for s in ("chosen", "rejected"))
+            r = _window_reason(model, longest)
+            examples = lists
+        if r:
+            reasons.append(f"prompt sharing/packing off ({r})")
+            share_prompt = pack = False
+    if reasons:
+        warnings.warn(f"preftune.fastpath: {'; '.join(reasons)}", FastpathFallbackWarning,
+                      stacklevel=2)
+    if not (chunked or share_prompt or pack):
+        return concatenated_logps(model, _plain_batch(examples, pad_token_id), average=average)
+
+    embed = model.get_input_embeddings().weight
+    layout = build_layout(examples, pad_token_id=pad_token_id, share_prompt=share_prompt,
+                          pack=pack, token_budget=token_budget, device=embed.device)
+    inputs = {
+        "input_ids": layout.input_ids,
+        "attention_mask": layout.attention_mask(model.config._attn_implementation, embed.dtype),
+        "use_cache": False,
+    }
+    if layout.position_ids is not None:
+        inputs["position_ids"] = layout.position_ids
+    if chunked:
+        hidden = model.base_model(**inputs).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.source)
+        head = model.get_output_embeddings()
+        token_logps = chunked_target_logps(hidden, head.weight, head.bias, layout.targets,
+                                           chunk_size)
+    else:
+        logits = model(**inputs).logits
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, layout.source)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        picked = logits.gather(-1, layout.targets[:, None]).squeeze(-1)
+        token_logps = picked - torch.logsumexp(logits, dim=-1)
+    n = layout.n_pairs
+    totals = token_logps.new_zeros(2 * n).index_add(0, layout.sequence, token_logps)
+    if average:
+        totals = totals / layout.counts.clamp(min=1)
+    return PairLogps(totals[:n], totals[n:], layout.counts[:n], layout.counts[n:])
