@@ -195,12 +195,13 @@ def test_checkpoint_state_loads_with_weights_only(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
     opt.step()
-    path = checkpoint.save_checkpoint(tmp_path, 5, model, {
-        "optimizer": opt.state_dict(), "rng": checkpoint.rng_state(), "counters": {"step": 5}},
-        keep=1)
+    path = checkpoint.save_checkpoint(tmp_path, 5, model, opt, {
+        "rng": checkpoint.rng_state(), "counters": {"step": 5}}, keep=1)
     fresh = tiny_llama(vocab_size=64, seed=1)
-    state = checkpoint.load_checkpoint(path, fresh)  # uses torch.load(weights_only=True)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    state = checkpoint.load_checkpoint(path, fresh, fresh_opt)  # torch.load(weights_only=True)
     assert state["counters"] == {"step": 5}
+    assert fresh_opt.state_dict()["state"][0]["step"] == 1
     for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(),
                               strict=True):
         assert torch.equal(a, b), n

@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import World, barrier, load_sharded, save_sharded
+
 STATE_FILE = "state.pt"
+DCP_DIR = "dcp"
 WEIGHTS_FILE = "model.safetensors"
 LATEST = "latest"
 
@@ -50,52 +53,79 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+    world: World | None = None,
 ) -> Path:
-    """Write ``run_dir/checkpoints/step-{step}`` atomically, point ``latest`` at it, prune."""
+    """Write ``run_dir/checkpoints/step-{step}`` atomically, point ``latest`` at it, prune.
+
+    One process writes ``model.safetensors`` + ``state.pt``; N processes (FSDP2) write their
+    shards of model and optimizer as a DCP checkpoint in ``dcp/`` and rank 0 the ``state.pt``.
+    Call it on every rank.
+    """
+    world = world or World()
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    for stale in root.glob(".step-*.tmp"):  # left by a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".step-{step}.tmp"
-    tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    # Tied weights share storage; safetensors wants each tensor once.
-    seen: dict[int, str] = {}
-    for name in list(weights):
-        ptr = weights[name].data_ptr()
-        if ptr in seen:
-            del weights[name]
-        else:
-            seen[ptr] = name
-    save_file(weights, tmp / WEIGHTS_FILE)
-    torch.save(state, tmp / STATE_FILE)
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    if final.exists():  # a step re-done after resuming from an older checkpoint
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
-    marker = root / f".{LATEST}.tmp"
-    marker.write_text(final.name + "\n")
-    _fsync(marker)
-    os.replace(marker, root / LATEST)
-    _fsync(root)
-    for old in sorted(_complete(root), key=_step_of)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if world.main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*.tmp"):  # left by a crash mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier(world)
+    if world.distributed:
+        save_sharded(tmp / DCP_DIR, model, optimizer)
+    else:
+        save_file(_dedup_tied(model.state_dict()), tmp / WEIGHTS_FILE)
+        state = {**state, "optimizer": optimizer.state_dict()}
+    barrier(world)
+    if world.main:
+        torch.save(state, tmp / STATE_FILE)
+        for f in tmp.rglob("*"):
+            _fsync(f)
+        _fsync(tmp)
+        if final.exists():  # a step re-done after resuming from an older checkpoint
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        marker = root / f".{LATEST}.tmp"
+        marker.write_text(final.name + "\n")
+        _fsync(marker)
+        os.replace(marker, root / LATEST)
+        _fsync(root)
+        for old in sorted(_complete(root), key=_step_of)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
     return final
+
+
+def _dedup_tied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied weights share storage; safetensors stores each tensor once."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in weights.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor.detach().contiguous().cpu()
+    return out
 
 
 def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("step-"))
 
 
+def _is_complete(path: Path) -> bool:
+    weights = (path / WEIGHTS_FILE).is_file() or (path / DCP_DIR / ".metadata").is_file()
+    return (path / STATE_FILE).is_file() and weights
+
+
 def _complete(root: Path) -> list[Path]:
     return [p for p in root.glob("step-*")
-            if p.name.removeprefix("step-").isdigit()
-            and (p / STATE_FILE).is_file() and (p / WEIGHTS_FILE).is_file()]
+            if p.name.removeprefix("step-").isdigit() and _is_complete(p)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -110,13 +140,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=_step_of) if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load weights into ``model`` (in place) and return the saved training state."""
-    if not (path / STATE_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load weights (and optimizer state) in place; return the rest of the training state.
+
+    A DCP checkpoint loads into any number of processes, one included (resharding)."""
+    if not _is_complete(path):
         raise CheckpointError(f"resume: {path} is not a complete checkpoint "
-                              f"(needs {WEIGHTS_FILE} and {STATE_FILE})")
-    weights = load_file(path / WEIGHTS_FILE)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+                              f"(needs {STATE_FILE} and {WEIGHTS_FILE} or {DCP_DIR}/)")
+    state = torch.load(path / STATE_FILE, weights_only=True)
+    if (path / DCP_DIR).is_dir():
+        if optimizer is None:
+            raise CheckpointError(f"resume: {path} is sharded; loading it needs the optimizer")
+        load_sharded(path / DCP_DIR, model, optimizer)
+        return state
+    missing, unexpected = model.load_state_dict(load_file(path / WEIGHTS_FILE), strict=False)
     # Only tied duplicates may be missing: they were stored once.
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
         n for n, _ in model.named_parameters()}
@@ -124,4 +163,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
         raise CheckpointError(f"resume: {path} does not match the model "
                               f"(missing {sorted(set(missing) - tied)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]})")
-    return torch.load(path / STATE_FILE, weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return state

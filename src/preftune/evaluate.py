@@ -8,8 +8,6 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .step import finalize
-
 Objective = Callable[..., tuple[Tensor, Counter]]
 
 
@@ -19,8 +17,9 @@ def evaluate(
     reference: torch.nn.Module | None,
     objective: Objective,
     batches: Iterable[dict[str, Tensor]],
-) -> dict[str, float]:
-    """Mean loss and metrics of ``objective`` over every pair of ``batches`` (no gradients)."""
+) -> Counter:
+    """Summed loss and metrics of ``objective`` over ``batches`` (no gradients); ``finalize``
+    turns them into means once summed over every process."""
     was_training = policy.training
     policy.eval()
     totals: Counter = Counter()
@@ -28,7 +27,7 @@ def evaluate(
         _, stats = objective(policy, reference, batch, 1.0)
         totals.update(stats)
     policy.train(was_training)
-    return finalize(totals)
+    return totals
 
 
 @torch.no_grad()
@@ -40,8 +39,11 @@ def generate(
     *,
     max_new_tokens: int,
     pad_token_id: int,
+    synced: bool = False,
 ) -> list[str]:
-    """Greedy completions of left-padded prompts, decoded without special tokens."""
+    """Greedy completions of left-padded prompts, decoded without special tokens.
+
+    ``synced`` keeps sharded models in step across processes until all have finished."""
     was_training = model.training
     model.eval()
     out = model.generate(
@@ -51,6 +53,7 @@ def generate(
         do_sample=False,
         pad_token_id=pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        synced_gpus=synced,
     )
     model.train(was_training)
     new_tokens = out[:, prompt_ids.shape[1]:]

@@ -85,7 +85,7 @@ def _family_reason(model: nn.Module) -> str | None:
     if not isinstance(model, PreTrainedModel):
         return f"{name} is not a transformers PreTrainedModel"
     if name not in _FAMILIES or not type(model).__module__.startswith("transformers.models."):
-        return f"unknown architecture {name} (supported: {', '.join(sorted(_FAMILIES))})"
+        return f"unknown architecture {name}"
     if model.base_model is model:
         return f"{name} has no separate decoder body"
     return None
@@ -130,6 +130,8 @@ def supports_fastpath(
     Data-dependent limits (a sliding window shorter than a sequence) are checked by
     :func:`pair_logps` per batch.
     """
+    if (chunked or share_prompt or pack) and (r := _family_reason(model)):
+        return r
     reasons = []
     if chunked and (r := _chunk_reason(model)):
         reasons.append(f"chunked: {r}")
@@ -304,7 +306,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _units(examples: list[dict[str, list[int]]], share_prompt: bool) -> tuple[list[_Unit], list[int]]:
+def _units(
+    examples: list[dict[str, list[int]]], share_prompt: bool
+) -> tuple[list[_Unit], list[int]]:
     b = len(examples)
     counts = [0] * (2 * b)
     units: list[_Unit] = []
@@ -450,6 +454,9 @@ def pair_logps(
     :class:`FastpathFallbackWarning`.
     """
     reasons = []
+    if (chunked or share_prompt or pack) and (r := _family_reason(model)):
+        reasons.append(f"fast paths off ({r})")
+        chunked = share_prompt = pack = False
     if chunked and (r := _chunk_reason(model)):
         reasons.append(f"chunked log-probs off ({r})")
         chunked = False

@@ -152,7 +152,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
             _zero_config_dropout(config, seen)
 
 
-def save_pretrained(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
+def save_pretrained(
+    model: PreTrainedModel, tokenizer, out_dir: str | Path, state_dict: dict | None = None
+) -> Path:
     """Write a self-contained Hugging Face folder and return its path.
 
     The folder holds ``model.safetensors`` (sharded for large models), ``config.json``,
@@ -160,6 +162,7 @@ def save_pretrained(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> P
     ``AutoTokenizer`` load it as is. It is written to a temporary sibling folder and renamed into
     place: an interrupted save leaves the previous folder (or none), never a half-written one.
     An existing folder is replaced only if it is a model folder (has ``config.json``) or empty.
+    ``state_dict`` overrides the model's own (the gathered weights of a sharded model).
     """
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -170,7 +173,7 @@ def save_pretrained(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> P
     tmp = _sibling(out, "partial")
     tmp.mkdir()
     try:
-        _write_folder(model, tokenizer, tmp)
+        _write_folder(model, tokenizer, tmp, state_dict)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -367,8 +370,9 @@ def _load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 # writing
 
 
-def _write_folder(model: PreTrainedModel, tokenizer, folder: Path) -> None:
-    kwargs = {}
+def _write_folder(model: PreTrainedModel, tokenizer, folder: Path,
+                  state_dict: dict | None = None) -> None:
+    kwargs: dict = {} if state_dict is None else {"state_dict": state_dict}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
     model.save_pretrained(folder, **kwargs)

@@ -63,9 +63,9 @@ class DPOObjective:
         return losses.sum() / denominator, stats
 
     @staticmethod
-    def denominator(batches: list[dict[str, Tensor]]) -> float:
+    def denominator(examples: list[dict[str, list[int]]]) -> float:
         """Pairs in the global batch: the loss is a mean over pairs."""
-        return float(sum(b["chosen_input_ids"].shape[0] for b in batches))
+        return float(len(examples))
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,9 @@ class SFTObjective:
         return nll.sum() / denominator, stats
 
     @staticmethod
-    def denominator(batches: list[dict[str, Tensor]]) -> float:
+    def denominator(examples: list[dict[str, list[int]]]) -> float:
         """Labelled tokens in the global batch: the loss is a mean over tokens."""
-        return float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+        return float(sum(t != IGNORE_INDEX for ex in examples for t in ex["labels"][1:]))
 
 
 def finalize(stats: Counter) -> dict[str, float]:

@@ -46,3 +46,58 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class RunLog:
+    """What a run writes as it goes: metrics, samples, the progress bar. Disabled on ranks
+    other than 0, so the loop calls it the same way in every process."""
+
+    def __init__(self, out: Path, total: int, desc: str, initial: int, progress: bool,
+                 enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.evals: list[dict[str, Any]] = []
+        if enabled:
+            self.evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "eval"]
+            self.metrics = JsonlWriter(out / "metrics.jsonl")
+            self.samples = JsonlWriter(out / "samples.jsonl")
+        self.bar = Progress(total, desc, enabled=enabled and progress, initial=initial)
+
+    def train(self, record: dict[str, Any], write: bool) -> None:
+        self.bar.update(record)
+        if self.enabled and write:
+            self.metrics.write(record)
+
+    def eval(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(record)
+        self.evals.append(record)
+        self.note(f"eval step {record['step']}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)))
+
+    def sample(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            self.samples.write(record)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.enabled:
+            self.metrics.close()
+            self.samples.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a log file; a last line cut by a crash is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records

@@ -32,11 +32,22 @@ from .checkpoint import (
 from .config import ConfigError, DPOConfig, TrainConfig, config_to_dict, dump_config
 from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
 from .data.tokenize import default_truncation
+from .distributed import (
+    World,
+    barrier,
+    close_world,
+    full_state_dict,
+    grad_norm_value,
+    init_world,
+    shard,
+    share,
+    sum_across,
+)
 from .evaluate import evaluate, generate
 from .models import disable_dropout, load_model, load_tokenizer, save_pretrained
 from .report import write_report
 from .step import DPOObjective, SFTObjective, finalize
-from .tracking import JsonlWriter, Progress
+from .tracking import RunLog, read_jsonl
 
 Example = dict[str, list[int]]
 
@@ -74,14 +85,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def prepare_output_dir(path: Path, *, resuming: bool) -> None:
@@ -140,19 +143,6 @@ def find_resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     return found
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a log file; a last line cut by a crash is dropped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
 def truncate_logs(out: Path, step: int) -> None:
     """Drop log records written after the checkpoint being resumed (step 0: all of them)."""
     for name in ("metrics.jsonl", "samples.jsonl"):
@@ -164,14 +154,22 @@ def truncate_logs(out: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
-def load_data(cfg: TrainConfig, tokenizer, out: Path) -> Data:
-    """Read pairs, hold out the eval slice, tokenize with the configured truncation."""
-    pairs, report = load_pairs(cfg.dataset, cfg.dataset_format, strict=cfg.strict_data)
-    report.write(out / "data_report.json")
+def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1) -> Data:
+    """Read pairs, hold out the eval slice, tokenize with the configured truncation.
+
+    ``out`` receives the skipped-rows reports (None on ranks other than 0). Under N processes
+    the eval set is cut to a multiple of N, so every rank runs the same number of forwards.
+    """
+    quiet = out is None
+    pairs, report = load_pairs(cfg.dataset, cfg.dataset_format, strict=cfg.strict_data,
+                               quiet=quiet)
+    if out is not None:
+        report.write(out / "data_report.json")
     if cfg.eval_dataset is not None:
         eval_pairs, eval_report = load_pairs(cfg.eval_dataset, cfg.dataset_format,
-                                             strict=cfg.strict_data)
-        eval_report.write(out / "eval_data_report.json")
+                                             strict=cfg.strict_data, quiet=quiet)
+        if out is not None:
+            eval_report.write(out / "eval_data_report.json")
         eval_pairs = eval_pairs[: cfg.eval_examples]
         train_pairs = pairs
     else:
@@ -184,6 +182,10 @@ def load_data(cfg: TrainConfig, tokenizer, out: Path) -> Data:
     if len(train_pairs) < cfg.batch_size:
         raise ConfigError(f"batch_size: {cfg.batch_size} is more than the {len(train_pairs)} "
                           f"training pairs read from {cfg.dataset}")
+    if cfg.batch_size % world_size or cfg.micro_batch_size * world_size > cfg.batch_size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} must be a multiple of the {world_size} "
+                          "processes, with micro_batch_size <= batch_size / processes")
+    eval_pairs = eval_pairs[: len(eval_pairs) - len(eval_pairs) % world_size]
 
     def truncation(pair) -> str:
         return default_truncation(pair.format) if cfg.truncation == "auto" else cfg.truncation
@@ -258,20 +260,33 @@ def build_models(cfg: TrainConfig, device: torch.device):
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
-    """Run one stage end to end; returns the output folder."""
-    cfg = resolve(cfg)
+    """Run one stage end to end, in this process or as one rank under torchrun."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
+    world = init_world(cfg.device)
+    try:
+        return _train(resolve(cfg), world, progress=progress and world.main)
+    finally:
+        close_world(world)
+
+
+def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     stage = _stage(cfg)
     out = Path(cfg.output_dir)
     resume_from = find_resume_point(cfg, out)
-    prepare_output_dir(out, resuming=cfg.resume is not None)
-    preflight(cfg, out)
+    if world.main:
+        prepare_output_dir(out, resuming=cfg.resume is not None)
+        preflight(cfg, out)
+    barrier(world)
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = world.device
 
     tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     pad_id = pad_id_for(tokenizer)
-    data = load_data(cfg, tokenizer, out)
+    data = load_data(cfg, tokenizer, out if world.main else None, world.size)
     policy, reference = build_models(cfg, device)
+    policy = shard(policy, world, train=True)
+    reference = shard(reference, world, train=False) if reference is not None else None
     if stage == "dpo":
         objective = DPOObjective(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
                                  reference_free=cfg.reference_free, logps=cfg.logps)
@@ -287,28 +302,22 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
 
     counters = {"step": 0, "examples": 0, "tokens": 0, "skipped_steps": 0, "nonfinite_run": 0}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, policy)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(resume_from, policy, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         counters.update(state["counters"])
-    if cfg.resume is not None:
-        truncate_logs(out, counters["step"])
-    dump_config(cfg, out / "config.yaml")
-
-    metrics = JsonlWriter(out / "metrics.jsonl")
-    samples_log = JsonlWriter(out / "samples.jsonl")
-    bar = Progress(total_steps, desc=stage, enabled=progress, initial=counters["step"])
-    eval_history = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "eval"]
+    if world.main:
+        if cfg.resume is not None:
+            truncate_logs(out, counters["step"])
+        dump_config(cfg, out / "config.yaml")
+    log = RunLog(out, total_steps, stage, counters["step"], progress, enabled=world.main)
 
     def run_eval() -> None:
-        batches = micro_batches(data.eval, cfg.micro_batch_size, collate, pad_id, device)
-        record = {"split": "eval", "step": counters["step"], "examples": counters["examples"],
-                  **evaluate(policy, reference, objective, batches)}
-        metrics.write(record)
-        eval_history.append(record)
-        bar.write(f"eval step {counters['step']}: " + ", ".join(
-            f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)))
+        examples = share(data.eval, world)
+        batches = micro_batches(examples, cfg.micro_batch_size, collate, pad_id, device)
+        stats = sum_across(evaluate(policy, reference, objective, batches), world)
+        log.eval({"split": "eval", "step": counters["step"], "examples": counters["examples"],
+                  **finalize(stats)})
 
     def run_samples() -> None:
         if not data.sample_prompts:
@@ -316,15 +325,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         batch = collate_pairs(data.sample_prompts, pad_id)
         ids = batch["prompt_input_ids"].to(device)
         mask = batch["prompt_attention_mask"].to(device)
-        kw = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad_id}
+        kw = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad_id,
+              "synced": world.distributed}
         completions = {"policy": generate(policy, tokenizer, ids, mask, **kw)}
         if reference is not None:
             completions["reference"] = generate(reference, tokenizer, ids, mask, **kw)
         prompts = tokenizer.batch_decode(
             [ex["prompt_input_ids"] for ex in data.sample_prompts], skip_special_tokens=False)
         for i, prompt in enumerate(prompts):
-            samples_log.write({"step": counters["step"], "prompt": prompt,
-                               **{name: texts[i] for name, texts in completions.items()}})
+            log.sample({"step": counters["step"], "prompt": prompt,
+                        **{name: texts[i] for name, texts in completions.items()}})
 
     def due(every: int | None) -> bool:
         return bool(every) and counters["step"] % every == 0 and counters["step"] < total_steps
@@ -336,15 +346,18 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         epoch, index = divmod(counters["step"], steps_per_epoch)
         indices = batch_order(len(data.train), cfg.batch_size, cfg.seed, epoch)[index]
         start = time.perf_counter()
-        batches = list(micro_batches([data.train[i] for i in indices],
-                                     cfg.micro_batch_size, collate, pad_id, device))
-        denominator = objective.denominator(batches)
+        examples = [data.train[i] for i in indices]
+        denominator = objective.denominator(examples)  # of the global batch, on every rank
         stats: Counter = Counter()
-        for batch in batches:
+        for batch in micro_batches(share(examples, world), cfg.micro_batch_size, collate,
+                                   pad_id, device):
             loss, micro_stats = objective(policy, reference, batch, denominator)
-            loss.backward()
+            # FSDP averages gradients over ranks; scaling by the world size makes it a sum.
+            (loss * world.size).backward()
             stats.update(micro_stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+        stats = sum_across(stats, world)
+        grad_norm = grad_norm_value(
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
         lr = scheduler.get_last_lr()[0]
         finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
         if finite:
@@ -357,45 +370,45 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         optimizer.zero_grad(set_to_none=True)
         counters["step"] += 1
         counters["examples"] += len(indices)
-        counters["tokens"] += stats["tokens"]
+        counters["tokens"] += int(stats["tokens"])
 
         record = {"split": "train", "step": counters["step"], "examples": counters["examples"],
                   **finalize(stats), "grad_norm": grad_norm, "lr": lr,
                   "tokens": counters["tokens"], "skipped_steps": counters["skipped_steps"],
                   "examples_per_second": len(indices) / (time.perf_counter() - start)}
-        bar.update(record)
-        if counters["step"] % cfg.log_every == 0 or counters["step"] == total_steps or not finite:
-            metrics.write(record)
+        logged = counters["step"] % cfg.log_every == 0 or counters["step"] == total_steps
+        log.train(record, write=logged or not finite)
         if not finite:
-            bar.write(f"step {counters['step']}: non-finite loss or gradient, update skipped")
+            log.note(f"step {counters['step']}: non-finite loss or gradient, update skipped")
             if counters["nonfinite_run"] >= cfg.max_nonfinite_steps:
-                last = latest_checkpoint(out)
                 raise TrainingError(
                     f"stopping: {counters['nonfinite_run']} non-finite steps in a row (last at "
-                    f"step {counters['step']}); last good checkpoint: {last or 'none'}")
+                    f"step {counters['step']}); last good checkpoint: "
+                    f"{latest_checkpoint(out) or 'none'}")
         if due(cfg.eval_every):
             run_eval()
         if cfg.n_samples and due(cfg.sample_every):
             run_samples()
         if due(cfg.save_every) and counters["nonfinite_run"] == 0:
-            save_checkpoint(out, counters["step"], policy, {
-                "counters": dict(counters), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state()}, cfg.keep_checkpoints)
+            save_checkpoint(out, counters["step"], policy, optimizer, {
+                "counters": dict(counters), "scheduler": scheduler.state_dict(),
+                "rng": rng_state()}, cfg.keep_checkpoints, world)
 
     run_eval()
     if cfg.n_samples:
         run_samples()
-    bar.close()
-    metrics.close()
-    samples_log.close()
-    final = save_pretrained(policy, tokenizer, out / "final")
-    report = write_report(out)
-    print_summary(cfg, final, eval_history, data)
-    print(f"report: {report}")
+    log.close()
+    weights = full_state_dict(policy, world) if world.distributed else None
+    if world.main:
+        final = save_pretrained(policy, tokenizer, out / "final", state_dict=weights)
+        report = write_report(out)
+        print_summary(final, log.evals, data)
+        print(f"report: {report}")
+    barrier(world)
     return out
 
 
-def print_summary(cfg: TrainConfig, final: Path, evals: list[dict], data: Data) -> None:
+def print_summary(final: Path, evals: list[dict], data: Data) -> None:
     keys = ["loss", "rewards/accuracies", "rewards/margins"]
     first, last = evals[0], evals[-1]
     print(f"model saved to {final}")

@@ -1,0 +1,137 @@
+"""torchrun / FSDP2 / DCP: everything that differs when training runs in N processes.
+
+One process (no torchrun) is the degenerate case: every helper here is then a no-op, so the
+training loop reads the same for 1 or N processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device_name: str) -> World:
+    """Join the torchrun process group when launched by torchrun (nccl on GPU, gloo on CPU)."""
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(device=torch.device(device_name))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        # A bounded timeout: a rank that died makes the others fail instead of hanging.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=10))
+    return World(rank=rank, size=size, device=device)
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(model: torch.nn.Module, world: World, *, train: bool) -> torch.nn.Module:
+    """FSDP2: shard each transformer block, then the root. On GPU, bf16 parameters and
+    reductions with float32 master weights; on CPU, float32 throughout."""
+    if not world.distributed:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    kwargs = {"mesh": mesh}
+    if world.device.type == "cuda" and train:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                   reduce_dtype=torch.bfloat16)
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to "
+                         "shard (no _no_split_modules)")
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def sum_across(stats: Counter, world: World) -> Counter:
+    """Sum every statistic over all ranks (float64, so counts stay exact)."""
+    if not world.distributed:
+        return stats
+    keys = sorted(stats)
+    values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return Counter(dict(zip(keys, values.tolist(), strict=True)))
+
+
+def share(items: list, world: World) -> list:
+    """This rank's share of a global batch or eval set (strided, so sizes differ by <= 1)."""
+    return items[world.rank :: world.size]
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """clip_grad_norm_ returns a DTensor under FSDP2: materialise the global norm."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
+
+
+def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU, gathered on rank 0 (empty on other ranks)."""
+    if not world.distributed:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model and optimizer state as a DCP checkpoint: each rank writes its shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=folder)
+
+
+def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a DCP checkpoint written by any number of processes into this layout."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()

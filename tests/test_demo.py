@@ -1,0 +1,100 @@
+import json
+
+import pytest
+
+from preftune import demo
+from preftune.demo import RULE, generate, rule_score
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def prompt_of(row):
+    return row["prompt"][0]["content"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("demo"), n_train=1000, n_eval=200, seed=0)
+
+
+def test_rows_are_conversational_jsonl(files):
+    assert set(files) == {"train", "eval"}
+    assert [files["train"].name, files["eval"].name] == ["train.jsonl", "eval.jsonl"]
+    train, held_out = read(files["train"]), read(files["eval"])
+    assert (len(train), len(held_out)) == (1000, 200)
+    for row in train + held_out:
+        assert list(row) == ["prompt", "chosen", "rejected"]
+        assert [m["role"] for m in row["prompt"]] == ["user"]
+        assert [m["role"] for m in row["chosen"]] == ["assistant"]
+        assert [m["role"] for m in row["rejected"]] == ["assistant"]
+        assert all(m["content"].strip() for key in row for m in row[key])
+        assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+
+
+def test_same_seed_same_bytes(files, tmp_path):
+    again = generate(tmp_path, n_train=1000, n_eval=200, seed=0)
+    for split in ("train", "eval"):
+        assert again[split].read_bytes() == files[split].read_bytes()
+    other = generate(tmp_path / "other", n_train=1000, n_eval=200, seed=1)
+    assert other["train"].read_bytes() != files["train"].read_bytes()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_held_out_prompts_and_topics_never_in_train(tmp_path, seed):
+    paths = generate(tmp_path, n_train=2000, n_eval=400, seed=seed)  # both splits wrap around
+    train, held_out = read(paths["train"]), read(paths["eval"])
+    assert not {prompt_of(r) for r in train} & {prompt_of(r) for r in held_out}
+    train_topics, eval_topics = demo.split_topics(seed)
+    assert not set(train_topics) & set(eval_topics)
+    assert set(train_topics) | set(eval_topics) == set(demo.TOPICS)
+    eval_prompts = {request.format(t=t) for t in eval_topics for request in demo.REQUESTS}
+    train_prompts = {request.format(t=t) for t in train_topics for request in demo.REQUESTS}
+    assert {prompt_of(r) for r in held_out} <= eval_prompts
+    assert {prompt_of(r) for r in train} <= train_prompts
+
+
+def test_prompts_used_once_before_repeating(files):
+    train = [prompt_of(r) for r in read(files["train"])]
+    assert len(set(train)) == len(train)  # 1000 < 1,476 distinct train prompts
+
+
+def test_chosen_always_scores_higher(files):
+    for row in read(files["train"]) + read(files["eval"]):
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert rule_score(chosen) > 0 > rule_score(rejected), (chosen, rejected)
+
+
+def test_sequences_are_short(files):
+    words = [
+        len((prompt_of(r) + " " + r[side][0]["content"]).split())
+        for r in read(files["train"])
+        for side in ("chosen", "rejected")
+    ]
+    assert max(words) <= 30  # about 40 tokens; with a chat template's extras still under 64
+
+
+def test_prompts_and_topics_are_neutral():
+    for text in demo.TOPICS + demo.REQUESTS:
+        assert rule_score(text) == 0.0, text
+
+
+def test_rule_score():
+    assert isinstance(RULE, str) and RULE.endswith(".")
+    assert rule_score("") == 0.0
+    assert rule_score("The train leaves at noon.") == 0.0
+    assert rule_score("What a wonderful day.") == 0.5
+    assert rule_score("What a terrible day.") == -0.5
+    assert rule_score("Wonderful, lovely and GREAT!") == 0.75
+    assert rule_score("It is lovely but a bit boring.") == 0.0
+    assert rule_score("It is not bad at all.") == 0.5  # negation flips
+    assert rule_score("I don't really love it.") == -0.5  # one word may sit between
+    assert rule_score("great " * 10) == pytest.approx(10 / 11)
+    assert rule_score("Great") == rule_score("great")
+
+
+def test_rejects_empty_splits(tmp_path):
+    with pytest.raises(ValueError, match="n_train and n_eval must be >= 1"):
+        generate(tmp_path, n_train=0)
