@@ -53,6 +53,16 @@ def tiny_mistral(**overrides) -> MistralForCausalLM:
 FAMILIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a busy shared machine, waiting on a descheduled sibling thread
+    made these [N, V]-sized ops several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def examples():
     """Real HH pairs: truncated prompts and responses, uneven lengths, plus one pair whose
@@ -116,7 +126,8 @@ MODES = {
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_each_technique_equals_concatenated_logps(family, attn, small_examples):
     examples = small_examples
-    model = FAMILIES[family](vocab_size=SMALL_VOCAB, attn_implementation=attn)
+    model = FAMILIES[family](vocab_size=SMALL_VOCAB, attn_implementation=attn,
+                             bos_token_id=1, eos_token_id=2)
     assert model.config._attn_implementation == attn
     assert supports_fastpath(model) is True
     batch = collate_pairs(examples, 0)
@@ -156,7 +167,7 @@ def test_full_vocabulary_tied_gpt2(examples):
 
 def test_float64_is_exact_beyond_float32_noise(small_examples):
     """In float64 the float32 rounding noise is gone: what is left is the method's error."""
-    model = tiny_gpt2(vocab_size=SMALL_VOCAB).double()
+    model = tiny_gpt2(vocab_size=SMALL_VOCAB, bos_token_id=1, eos_token_id=2).double()
     batch = collate_pairs(small_examples, 0)
     want, want_grads = _run(model, lambda: concatenated_logps(model, batch))
     got, got_grads = _run(model, lambda: pair_logps(model, small_examples, pad_token_id=0,
@@ -325,13 +336,13 @@ def test_chunked_keeps_no_full_vocabulary_tensor(examples):
 
 def test_chunked_function_matches_log_softmax_with_bias():
     torch.manual_seed(0)
-    hidden = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(50, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 50, (37,))
-    got = chunked_target_logps(hidden, weight, bias, targets, chunk_size=5)
+    hidden = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 13, (11,))
+    got = chunked_target_logps(hidden, weight, bias, targets, chunk_size=3)
     want = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, targets[:, None])[:, 0]
     torch.testing.assert_close(got, want)
     assert torch.autograd.gradcheck(
-        lambda h, w, b: chunked_target_logps(h, w, b, targets, 5), (hidden, weight, bias)
+        lambda h, w, b: chunked_target_logps(h, w, b, targets, 3), (hidden, weight, bias)
     )

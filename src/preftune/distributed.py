@@ -18,27 +18,27 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class World:
+    """This process's place in the job. ``distributed`` is true under torchrun, even with one
+    process (so ``torchrun --nproc_per_node=1`` exercises the FSDP2 path on one GPU)."""
+
     rank: int = 0
     size: int = 1
     device: torch.device = torch.device("cpu")
+    distributed: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
 
 
 def init_world(device_name: str) -> World:
     """Join the torchrun process group when launched by torchrun (nccl on GPU, gloo on CPU)."""
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return World(device=torch.device(device_name))
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_name == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -48,7 +48,7 @@ def init_world(device_name: str) -> World:
         # A bounded timeout: a rank that died makes the others fail instead of hanging.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=10))
-    return World(rank=rank, size=size, device=device)
+    return World(rank=rank, size=size, device=device, distributed=True)
 
 
 def close_world(world: World) -> None:
@@ -84,7 +84,7 @@ def sum_across(stats: Counter, world: World) -> Counter:
     """Sum every statistic over all ranks (float64, so counts stay exact)."""
     if not world.distributed:
         return stats
-    keys = sorted(stats)
+    keys = list(stats)  # the same insertion order on every rank: the same objective made them
     values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(values)
     return Counter(dict(zip(keys, values.tolist(), strict=True)))

@@ -1,0 +1,90 @@
+"""Check the FSDP2 path against the plain path on one GPU (or, tiny, on the CPU).
+
+    python benchmarks/fsdp_gpu_check.py                 # one GPU: bf16 plain vs FSDP2 bf16 mixed
+    python benchmarks/fsdp_gpu_check.py --device cpu    # the same plumbing at a tiny size
+
+Builds a randomly initialised Qwen2-style model (with the Qwen2.5 tokenizer from
+../shared/assets unless --model is given), runs a few DPO steps with `preftune dpo` in one
+process and under `torchrun --nproc_per_node=1` (FSDP2), and compares the loss trajectories.
+Exits non-zero when they disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
+
+
+def build_model(folder: Path, device: str) -> None:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "qwen2.5")
+    size = {"cuda": (896, 24, 14, 2, 4864), "cpu": (64, 2, 4, 2, 128)}[device]
+    hidden, layers, heads, kv, inter = size
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv,
+                         intermediate_size=inter, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--model", help="a model folder (default: a random Qwen2-style model)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--tolerance", type=float, default=None,
+                    help="max |loss difference| (default: 0.02 on cuda/bf16, 1e-5 on cpu)")
+    args = ap.parse_args()
+    tol = args.tolerance or (0.02 if args.device == "cuda" else 1e-5)
+    work = Path(tempfile.mkdtemp(prefix="fsdp-check-"))
+    model = args.model or str(work / "model")
+    if not args.model:
+        build_model(Path(model), args.device)
+    length = 1024 if args.device == "cuda" else 64
+    common = [f"model={model}", f"dataset={ASSETS / 'data/hh-rlhf/helpful-base/test.jsonl.gz'}",
+              f"device={args.device}", f"max_steps={args.steps}", "batch_size=8",
+              "micro_batch_size=4", f"max_length={length}", f"max_prompt_length={length // 2}",
+              "eval_examples=8", "n_samples=0", "warmup_steps=0", "lr=1e-5",
+              "optimizer=adamw", "eval_every=0", "save_every=0", f"max_examples={8 * args.steps}"]
+    # Plain: weights in bf16 on GPU. FSDP2: float32 master weights, bf16 compute (mp policy).
+    plain_dtype = "bfloat16" if args.device == "cuda" else "float32"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run([sys.executable, "-m", "preftune", "dpo", *common, f"dtype={plain_dtype}",
+         f"output_dir={work / 'plain'}"])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=1", "-m", "preftune", "dpo", *common, "dtype=float32",
+                    f"output_dir={work / 'fsdp'}"], check=True, env=env)
+    a, b = losses(work / "plain"), losses(work / "fsdp")
+    worst = max(abs(x - y) for x, y in zip(a, b, strict=True))
+    print(f"{'step':>4} {'plain':>10} {'fsdp2':>10}")
+    for i, (x, y) in enumerate(zip(a, b, strict=True), 1):
+        print(f"{i:>4} {x:>10.5f} {y:>10.5f}")
+    first_ok = abs(a[0] - math.log(2)) < 1e-3 and abs(b[0] - math.log(2)) < 1e-3
+    print(f"max |difference| {worst:.2e} (tolerance {tol:.0e}); first loss ln 2: {first_ok}")
+    return 0 if worst <= tol and first_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""N processes under torchrun (gloo on CPU) against one process on the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import HH_HELPFUL
+
+SETTINGS = {"max_length": 48, "max_prompt_length": 24, "eval_examples": 4, "n_samples": 1,
+            "max_new_tokens": 3, "warmup_steps": 0, "eval_every": 3, "save_every": 3,
+            "batch_size": 4, "micro_batch_size": 1, "max_examples": 24, "lr": 1e-3,
+            "optimizer": "adamw", "dataset": str(HH_HELPFUL)}
+
+
+def _run(model, out, nproc, **kw):
+    args = [f"{k}={v}" for k, v in {**SETTINGS, "model": model, "output_dir": out,
+                                     **kw}.items()]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--standalone", "-m", "preftune"] if nproc else [sys.executable, "-m",
+                                                                     "preftune"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, "dpo", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def _train_records(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+def _close(a, b, keys=("loss", "grad_norm", "rewards/margins", "logps/chosen")):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key in keys:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-5), (ra["step"], key)
+
+
+def _same_weights(a, b):
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" /
+                                                                       "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("single") / "run"
+    proc = _run(tiny_model_dir, out, 0, max_steps=6)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_processes_match_one(tmp_path, tiny_model_dir, single):
+    out = tmp_path / "two"
+    proc = _run(tiny_model_dir, out, 2, max_steps=6)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _close(_train_records(single), _train_records(out))
+    _same_weights(single, out)
+    assert (out / "checkpoints" / "step-3" / "dcp" / ".metadata").is_file()
+    # Only rank 0 writes: one eval line per eval, one sample per sampled prompt.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 3, 6]
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_sharded_checkpoint_resumes_in_one_process(tmp_path, tiny_model_dir, single):
+    out = tmp_path / "resharded"
+    proc = _run(tiny_model_dir, out, 2, max_steps=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(tiny_model_dir, out, 0, max_steps=6, resume="true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _close(_train_records(single), _train_records(out))
+    _same_weights(single, out)
+
+
+def test_failing_rank_fails_the_job_with_its_error(tmp_path, tiny_model_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = _run(tiny_model_dir, blocker / "run", 2, max_steps=2)
+    assert proc.returncode != 0
+    assert "output_dir:" in proc.stderr and "not writable" in proc.stderr
+
+
+def test_gpu_check_script_runs_at_tiny_size_on_cpu():
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "fsdp_gpu_check.py")
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--steps", "3"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "first loss ln 2: True" in proc.stdout
