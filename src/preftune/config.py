@@ -132,6 +132,8 @@ class DPOConfig(TrainConfig):
                                 "loss=dpo only)", "in [0, 0.5)")
     reference_free: bool = _f("loss", False, "ignore the reference (uniform reference)")
     logps: Literal["sum", "mean"] = _f("loss", "sum", "sequence log-prob: sum or token mean")
+    precompute_reference: bool = _f("run", True, "reference log-probs computed once before "
+                                    "training and cached on disk; the reference is then freed")
 
     def _check(self) -> None:
         super()._check()

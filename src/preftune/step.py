@@ -38,12 +38,14 @@ class DPOObjective:
     ) -> tuple[Tensor, Counter]:
         average = self.logps == "mean"
         pol = concatenated_logps(policy, batch, average=average)
-        if reference is None:
-            ref_c = ref_r = None
-        else:
+        if "reference_chosen_logps" in batch:  # precomputed once (preftune.reference)
+            ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+        elif reference is not None:
             with torch.no_grad():
                 ref = concatenated_logps(reference, batch, average=average)
             ref_c, ref_r = ref.chosen, ref.rejected
+        else:
+            ref_c = ref_r = None
         losses, r_c, r_r = preference_loss(
             pol.chosen, pol.rejected, ref_c, ref_r, beta=self.beta, kind=self.kind,
             label_smoothing=self.label_smoothing, reference_free=self.reference_free,

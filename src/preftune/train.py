@@ -8,11 +8,13 @@ logs, evaluates and samples; what a loss *is* lives in ``step`` and ``losses``.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -44,7 +46,8 @@ from .distributed import (
     sum_across,
 )
 from .evaluate import evaluate, generate
-from .models import disable_dropout, load_model, load_tokenizer, save_pretrained
+from .models import cache_dir, disable_dropout, load_model, load_tokenizer, save_pretrained
+from .reference import attach, cached_reference_logps
 from .report import write_report
 from .step import DPOObjective, SFTObjective, finalize
 from .tracking import RunLog, read_jsonl
@@ -61,6 +64,34 @@ class Data:
     eval: list[Example]
     sample_prompts: list[Example]  # tokenized held-out pairs whose prompts are sampled from
     dropped: int  # training pairs left out of the last, incomplete batch of an epoch
+    reference_samples: list[str] | None = None  # the frozen reference's completions, once
+
+
+def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data, tokenizer,
+                         pad_id: int, world: World) -> None:
+    """Attach the reference's log-probs to every train and eval pair (cached on disk under a
+    fingerprint), and keep its greedy completions of the sample prompts, which never change."""
+    def batches(examples):
+        return micro_batches(examples, cfg.micro_batch_size, collate_pairs, pad_id, world.device)
+
+    cache = cache_dir() / "reference-logps"
+    for name in ("train", "eval"):
+        examples = getattr(data, name)
+        if not examples:
+            continue
+        logps, hit = cached_reference_logps(reference, examples, batches,
+                                            average=cfg.logps == "mean", cache_dir=cache,
+                                            world=world)
+        setattr(data, name, attach(examples, logps))
+        if world.main:
+            print(f"reference log-probs of {len(examples)} {name} pairs: "
+                  f"{'from cache' if hit else 'computed and cached'} ({cache})", file=sys.stderr)
+    if cfg.n_samples and data.sample_prompts and world.main:
+        batch = collate_pairs(data.sample_prompts, pad_id)
+        data.reference_samples = generate(
+            reference, tokenizer, batch["prompt_input_ids"].to(world.device),
+            batch["prompt_attention_mask"].to(world.device),
+            max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id)
 
 
 def _stage(cfg: TrainConfig) -> str:
@@ -238,10 +269,14 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. repeated non-finite steps); the message is one line."""
 
 
-def build_models(cfg: TrainConfig, device: torch.device):
+def build_models(cfg: TrainConfig, device: torch.device, tokenizer):
     """The trainable policy and, for DPO, the frozen reference (None when reference-free)."""
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     policy = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    vocab = policy.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"tokenizer: {len(tokenizer)} tokens, more than the model's "
+                          f"vocabulary size {vocab}")
     policy.to(device).train()
     disable_dropout(policy)
     if cfg.gradient_checkpointing:
@@ -284,7 +319,12 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     pad_id = pad_id_for(tokenizer)
     data = load_data(cfg, tokenizer, out if world.main else None, world.size)
-    policy, reference = build_models(cfg, device)
+    policy, reference = build_models(cfg, device, tokenizer)
+    if reference is not None and cfg.precompute_reference:
+        precompute_reference(cfg, reference, data, tokenizer, pad_id, world)
+        del reference  # frozen numbers now travel with the pairs: free the model
+        reference = None
+        gc.collect()
     policy = shard(policy, world, train=True)
     reference = shard(reference, world, train=False) if reference is not None else None
     if stage == "dpo":
@@ -330,6 +370,8 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         completions = {"policy": generate(policy, tokenizer, ids, mask, **kw)}
         if reference is not None:
             completions["reference"] = generate(reference, tokenizer, ids, mask, **kw)
+        elif data.reference_samples:
+            completions["reference"] = data.reference_samples
         prompts = tokenizer.batch_decode(
             [ex["prompt_input_ids"] for ex in data.sample_prompts], skip_special_tokens=False)
         for i, prompt in enumerate(prompts):

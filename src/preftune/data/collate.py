@@ -89,6 +89,10 @@ def collate_pairs(
     prompt_length = max(len(p) for p in prompts)
     batch["prompt_input_ids"] = _pad(prompts, prompt_length, pad_token_id, left=True)
     batch["prompt_attention_mask"] = _mask(prompts, prompt_length, left=True)
+    # Precomputed reference log-probs (see preftune.reference) travel with their pairs.
+    for key in ("reference_chosen_logps", "reference_rejected_logps"):
+        if all(key in e for e in examples):
+            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
     return batch
 
 

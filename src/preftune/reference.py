@@ -1,0 +1,105 @@
+"""The reference's log-probs, precomputed once and cached on disk.
+
+The reference is frozen, so its log-probs of each pair never change during training: one
+batched no-grad pass before training replaces a reference forward at every step, and the
+reference model can be freed. The cache key covers everything the numbers depend on: the
+reference weights, the exact token ids and labels of every pair (hence the tokenizer, the data
+and the truncation settings), the length normalisation and the dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .distributed import World
+from .logprobs import concatenated_logps
+
+Example = dict[str, list[int]]
+KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
+
+def fingerprint(model: torch.nn.Module, examples: Sequence[Example], *, average: bool) -> str:
+    """A hex digest of the reference weights, the tokenized pairs and the settings."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"average={average};n={len(examples)}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    for ex in examples:
+        for key in KEYS:
+            h.update(key.encode())
+            h.update(torch.tensor(ex[key], dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    batches: Callable[[Sequence[Example]], object],
+    *,
+    average: bool,
+    world: World | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs of every example, in order (float32, on CPU).
+
+    Under N processes each rank runs its strided share with its own unsharded copy of the
+    reference (no collectives inside the forward), then the shares are summed into place."""
+    world = world or World()
+    mine = list(range(len(examples)))[world.rank :: world.size]
+    out = torch.zeros(2, len(examples), dtype=torch.float64)
+    done = 0
+    for batch in batches([examples[i] for i in mine]):
+        logps = concatenated_logps(model, batch, average=average)
+        rows = mine[done : done + len(logps.chosen)]
+        out[0, rows] = logps.chosen.double().cpu()
+        out[1, rows] = logps.rejected.double().cpu()
+        done += len(rows)
+    if world.distributed:
+        torch.distributed.all_reduce(out)
+    return out[0].float(), out[1].float()
+
+
+def cached_reference_logps(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    batches: Callable[[Sequence[Example]], object],
+    *,
+    average: bool,
+    cache_dir: Path,
+    world: World | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
+    """Reference log-probs from the cache, or computed and stored; returns (logps, hit)."""
+    world = world or World()
+    path = cache_dir / f"{fingerprint(model, examples, average=average)}.safetensors"
+    hit = path.is_file()
+    if world.distributed:  # every rank must take the same branch
+        flag = torch.tensor([int(hit)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        hit = bool(flag.item())
+    if hit:
+        cached = load_file(path)
+        return (cached["chosen"], cached["rejected"]), True
+    chosen, rejected = compute_reference_logps(model, examples, batches, average=average,
+                                               world=world)
+    if world.main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file({"chosen": chosen, "rejected": rejected}, tmp)
+        os.replace(tmp, path)  # atomic: a crash never leaves a truncated cache entry
+    return (chosen, rejected), False
+
+
+def attach(examples: Sequence[Example], logps: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
+    """Copies of ``examples`` carrying their reference log-probs, for ``collate_pairs``."""
+    chosen, rejected = logps
+    return [{**ex, "reference_chosen_logps": float(c), "reference_rejected_logps": float(r)}
+            for ex, c, r in zip(examples, chosen.tolist(), rejected.tolist(), strict=True)]
