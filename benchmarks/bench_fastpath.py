@@ -6,6 +6,7 @@ random-weight Llama. Prints median seconds and the peak RSS growth over the proc
 after loading model and data (ratio to plain).
 
     .venv/bin/python benchmarks/bench_fastpath.py [--pairs 4] [--max-length 512] [--repeats 5]
+        [--threads 1]  # one thread gives steadier numbers on a busy shared machine
 """
 
 from __future__ import annotations
@@ -100,9 +101,14 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--method", help=argparse.SUPPRESS)  # peak-memory worker mode
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.method:
         print(json.dumps(peak_worker(args)))
         return
@@ -114,7 +120,7 @@ def main() -> None:
     for method in methods:
         cmd = [sys.executable, __file__, "--method", method, "--pairs", str(args.pairs),
                "--skip", str(args.skip), "--max-length", str(args.max_length),
-               "--attn", args.attn]
+               "--attn", args.attn, "--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
         peaks[method] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 

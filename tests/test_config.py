@@ -28,10 +28,12 @@ SHARED_DEFAULTS = {
     "epochs": 1, "max_steps": None, "eval_every": 300, "sample_every": None, "n_samples": 4,
     "max_new_tokens": 128, "max_grad_norm": 10.0, "seed": 0, "dtype": "float32",
     "gradient_checkpointing": False, "log_every": 1, "trust_remote_code": False,
-    "device": "auto", "strict_data": False,
+    "device": "auto", "strict_data": False, "save_every": None, "keep_checkpoints": 2,
+    "resume": None, "max_nonfinite_steps": 3,
 }
 DPO_ONLY = {"reference": None, "loss": "dpo", "beta": 0.1, "label_smoothing": 0.0,
-            "reference_free": False, "logps": "sum"}
+            "reference_free": False, "logps": "sum", "precompute_reference": True,
+            "chunked_logps": True, "chunk_size": 1024, "share_prompt": True, "pack": True}
 
 
 def err(cls, args) -> str:

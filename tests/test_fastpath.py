@@ -346,3 +346,20 @@ def test_chunked_function_matches_log_softmax_with_bias():
     assert torch.autograd.gradcheck(
         lambda h, w, b: chunked_target_logps(h, w, b, targets, 3), (hidden, weight, bias)
     )
+
+
+def test_bf16_autocast_backward_recomputes_under_autocast(small_examples):
+    """Backward recomputes the chunk logits under forward's autocast state: same bf16 noise."""
+    model = tiny_llama(vocab_size=SMALL_VOCAB)
+    batch = collate_pairs(small_examples, 0)
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _run(model, fn)
+
+    want, want_grads = run(lambda: concatenated_logps(model, batch))
+    got, got_grads = run(lambda: pair_logps(model, small_examples, pad_token_id=0,
+                                            chunk_size=64))
+    torch.testing.assert_close(got.chosen, want.chosen, rtol=1e-3, atol=1e-2)
+    for name, g in want_grads.items():
+        assert (got_grads[name] - g).norm() <= 2e-2 * g.norm() + 1e-6, name

@@ -107,6 +107,8 @@ def test_save_pretrained_round_trip(tmp_path, tokenizer, arch):
     assert "tokenizer_config.json" in names
     assert names & {"tokenizer.json", "vocab.json"}
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary debris
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
     # plain transformers loads the folder as is
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     assert torch.equal(logits(plain, ids), expected)

@@ -134,6 +134,12 @@ class DPOConfig(TrainConfig):
     logps: Literal["sum", "mean"] = _f("loss", "sum", "sequence log-prob: sum or token mean")
     precompute_reference: bool = _f("run", True, "reference log-probs computed once before "
                                     "training and cached on disk; the reference is then freed")
+    chunked_logps: bool = _f("run", True, "log-probs through the output layer in chunks, only "
+                             "at response tokens: no [batch, length, vocab] logits (exact)")
+    chunk_size: int = _f("run", 1024, "tokens per output-layer chunk", "> 0")
+    share_prompt: bool = _f("run", True, "run each pair's prompt once: [prompt, chosen, "
+                            "rejected] with a mask that hides chosen from rejected (exact)")
+    pack: bool = _f("run", True, "pack pairs into rows so padding costs nothing (exact)")
 
     def _check(self) -> None:
         super()._check()

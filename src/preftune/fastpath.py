@@ -5,8 +5,10 @@ Three techniques, each usable on its own (flags of :func:`pair_logps`):
 * **chunked** -- run the decoder body only (final norm included), take the hidden state that
   predicts each *labelled* token, and compute ``log p(label)`` through the output layer in
   chunks of ``chunk_size`` tokens (float32 logsumexp) with an autograd Function that recomputes
-  the chunk logits in backward. No ``[B, T, V]`` tensor exists, and at most one ``[chunk, V]``
-  chunk of logits is alive at a time, in forward and in backward.
+  the chunk logits in backward. No ``[B, T, V]`` tensor exists, nothing ``[N, V]`` is saved for
+  backward, and only one chunk's ``[chunk_size, V]`` logits (with their float32 copy when the
+  model is in a lower precision) are alive at a time, in forward and in backward. Not for
+  FSDP-sharded models (the body and head weight are used outside the root's forward).
 * **share_prompt** -- each pair is one sequence ``[shared prefix, chosen tail, rejected tail]``.
   The shared prefix is the longest common prefix of the chosen and rejected ids (the prompt, or
   more when both responses start alike), so it is computed once. Position ids restart the
@@ -78,12 +80,24 @@ class FastpathFallbackWarning(UserWarning):
 # ----------------------------------------------------------------------------- support checks
 
 
+def _is_fsdp(model: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _family_reason(model: nn.Module) -> str | None:
     from transformers import PreTrainedModel
 
     name = type(model).__name__
     if not isinstance(model, PreTrainedModel):
         return f"{name} is not a transformers PreTrainedModel"
+    if _is_fsdp(model):
+        # The chunked head calls the body and reads the head weight outside the root module's
+        # forward, where FSDP2 would not have gathered the sharded parameters.
+        return f"{name} is FSDP-sharded"
     if name not in _FAMILIES or not type(model).__module__.startswith("transformers.models."):
         return f"unknown architecture {name}"
     if model.base_model is model:
@@ -151,6 +165,10 @@ class _ChunkedTargetLogp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: ANN001
+        device = hidden.device.type
+        # backward recomputes the logits under the same autocast state as forward
+        ctx.autocast = (device, torch.is_autocast_enabled(device),
+                        torch.get_autocast_dtype(device))
         acc = torch.promote_types(hidden.dtype, torch.float32)
         n = hidden.shape[0]
         out = torch.empty(n, dtype=acc, device=hidden.device)
@@ -168,6 +186,12 @@ class _ChunkedTargetLogp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _ChunkedTargetLogp._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):  # noqa: ANN001
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = lse.dtype

@@ -383,6 +383,12 @@ def _write_folder(model: PreTrainedModel, tokenizer, folder: Path,
         generation.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    # transformers 5 writes model.safetensors owner-only (0600) while the other files follow the
+    # umask; give every file the umask's mode, read off the folder that mkdir just created.
+    mode = folder.stat().st_mode & 0o666
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
 
 
 def _sibling(path: Path, kind: str) -> Path:

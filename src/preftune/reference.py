@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .distributed import World
-from .logprobs import concatenated_logps
+from .logprobs import PairLogps, concatenated_logps
 
 Example = dict[str, list[int]]
 KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -46,7 +46,7 @@ def compute_reference_logps(
     examples: Sequence[Example],
     batches: Callable[[Sequence[Example]], object],
     *,
-    average: bool,
+    logps: Callable[[torch.nn.Module, dict], PairLogps],
     world: World | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected log-probs of every example, in order (float32, on CPU).
@@ -58,10 +58,10 @@ def compute_reference_logps(
     out = torch.zeros(2, len(examples), dtype=torch.float64)
     done = 0
     for batch in batches([examples[i] for i in mine]):
-        logps = concatenated_logps(model, batch, average=average)
-        rows = mine[done : done + len(logps.chosen)]
-        out[0, rows] = logps.chosen.double().cpu()
-        out[1, rows] = logps.rejected.double().cpu()
+        pair = logps(model, batch)
+        rows = mine[done : done + len(pair.chosen)]
+        out[0, rows] = pair.chosen.double().cpu()
+        out[1, rows] = pair.rejected.double().cpu()
         done += len(rows)
     if world.distributed:
         torch.distributed.all_reduce(out)
@@ -75,9 +75,13 @@ def cached_reference_logps(
     *,
     average: bool,
     cache_dir: Path,
+    logps: Callable[[torch.nn.Module, dict], PairLogps] | None = None,
     world: World | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
-    """Reference log-probs from the cache, or computed and stored; returns (logps, hit)."""
+    """Reference log-probs from the cache, or computed and stored; returns (logps, hit).
+
+    ``logps`` computes a batch's log-probs (default: the plain concatenated forward); any
+    exact path gives the same numbers, so it is not part of the fingerprint."""
     world = world or World()
     path = cache_dir / f"{fingerprint(model, examples, average=average)}.safetensors"
     hit = path.is_file()
@@ -88,7 +92,10 @@ def cached_reference_logps(
     if hit:
         cached = load_file(path)
         return (cached["chosen"], cached["rejected"]), True
-    chosen, rejected = compute_reference_logps(model, examples, batches, average=average,
+    if logps is None:
+        def logps(m, batch):
+            return concatenated_logps(m, batch, average=average)
+    chosen, rejected = compute_reference_logps(model, examples, batches, logps=logps,
                                                world=world)
     if world.main:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .logprobs import IGNORE_INDEX, concatenated_logps, sequence_logps
+from .fastpath import pair_logps
+from .logprobs import IGNORE_INDEX, PairLogps, concatenated_logps, sequence_logps
 from .losses import LossKind, preference_loss
 
 
@@ -28,6 +29,15 @@ class DPOObjective:
     label_smoothing: float = 0.0
     reference_free: bool = False
     logps: Literal["sum", "mean"] = "sum"
+    # Exact fast paths (preftune.fastpath); None keeps the plain concatenated forward.
+    fast: dict | None = None
+
+    def sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
+        """Chosen and rejected log-probs of a collated micro-batch under ``model``."""
+        average = self.logps == "mean"
+        if self.fast is None:
+            return concatenated_logps(model, batch, average=average)
+        return pair_logps(model, batch, average=average, **self.fast)
 
     def __call__(
         self,
@@ -36,13 +46,12 @@ class DPOObjective:
         batch: dict[str, Tensor],
         denominator: float,
     ) -> tuple[Tensor, Counter]:
-        average = self.logps == "mean"
-        pol = concatenated_logps(policy, batch, average=average)
+        pol = self.sequence_logps(policy, batch)
         if "reference_chosen_logps" in batch:  # precomputed once (preftune.reference)
             ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
         elif reference is not None:
             with torch.no_grad():
-                ref = concatenated_logps(reference, batch, average=average)
+                ref = self.sequence_logps(reference, batch)
             ref_c, ref_r = ref.chosen, ref.rejected
         else:
             ref_c = ref_r = None

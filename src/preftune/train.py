@@ -68,7 +68,7 @@ class Data:
 
 
 def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data, tokenizer,
-                         pad_id: int, world: World) -> None:
+                         pad_id: int, world: World, objective: DPOObjective) -> None:
     """Attach the reference's log-probs to every train and eval pair (cached on disk under a
     fingerprint), and keep its greedy completions of the sample prompts, which never change."""
     def batches(examples):
@@ -81,7 +81,7 @@ def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data,
             continue
         logps, hit = cached_reference_logps(reference, examples, batches,
                                             average=cfg.logps == "mean", cache_dir=cache,
-                                            world=world)
+                                            logps=objective.sequence_logps, world=world)
         setattr(data, name, attach(examples, logps))
         if world.main:
             print(f"reference log-probs of {len(examples)} {name} pairs: "
@@ -320,19 +320,24 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     pad_id = pad_id_for(tokenizer)
     data = load_data(cfg, tokenizer, out if world.main else None, world.size)
     policy, reference = build_models(cfg, device, tokenizer)
+    if stage == "dpo":
+        fast = None
+        if cfg.chunked_logps or cfg.share_prompt or cfg.pack:
+            fast = {"pad_token_id": pad_id, "chunked": cfg.chunked_logps,
+                    "chunk_size": cfg.chunk_size, "share_prompt": cfg.share_prompt,
+                    "pack": cfg.pack}
+        objective = DPOObjective(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
+                                 reference_free=cfg.reference_free, logps=cfg.logps, fast=fast)
+        collate = collate_pairs
+    else:
+        objective, collate = SFTObjective(), collate_sft
     if reference is not None and cfg.precompute_reference:
-        precompute_reference(cfg, reference, data, tokenizer, pad_id, world)
+        precompute_reference(cfg, reference, data, tokenizer, pad_id, world, objective)
         del reference  # frozen numbers now travel with the pairs: free the model
         reference = None
         gc.collect()
     policy = shard(policy, world, train=True)
     reference = shard(reference, world, train=False) if reference is not None else None
-    if stage == "dpo":
-        objective = DPOObjective(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
-                                 reference_free=cfg.reference_free, logps=cfg.logps)
-        collate = collate_pairs
-    else:
-        objective, collate = SFTObjective(), collate_sft
 
     optimizer = build_optimizer(cfg, policy)
     steps_per_epoch = len(data.train) // cfg.batch_size
