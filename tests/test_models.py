@@ -302,8 +302,8 @@ def test_alias_conversion_is_atomic_and_cached(tmp_path, tokenizer, monkeypatch,
 
     real_write = models._write_folder
 
-    def crash_after_weights(model, tok, folder):
-        real_write(model, tok, folder)
+    def crash_after_weights(model, tok, folder, state_dict=None):
+        real_write(model, tok, folder, state_dict)
         raise KeyboardInterrupt  # interrupted after the weights were written
 
     monkeypatch.setattr(models, "_write_folder", crash_after_weights)
