@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel for this kind of machine; GPU users install their own torch (metadata accepts >=2.6).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test lint clean
+.PHONY: setup test lint demo clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest
+
+# The built-in demo: DPO on SmolLM2-135M-Instruct, offline, about 10 minutes on 2 CPU cores.
+demo: setup
+	$(BIN)/preftune demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

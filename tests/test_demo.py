@@ -98,3 +98,32 @@ def test_rule_score():
 def test_rejects_empty_splits(tmp_path):
     with pytest.raises(ValueError, match="n_train and n_eval must be >= 1"):
         generate(tmp_path, n_train=0)
+
+
+def test_demo_command_end_to_end_at_reduced_size(tmp_path, monkeypatch, capsys):
+    """`preftune demo` with a tiny model (Qwen2.5 tokenizer and chat template) and 2 steps."""
+    from transformers import AutoTokenizer
+
+    from preftune.cli import main
+
+    from .conftest import ASSETS, tiny_llama
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "qwen2.5")
+    model_dir = tmp_path / "tiny-qwen-vocab"
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    rc = main(["demo", f"model={model_dir}", f"output_dir={out}", "max_steps=2",
+               "eval_examples=4", "n_samples=2", "max_new_tokens=3", "eval_every=0"])
+    assert rc == 0
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["prompts"] == 2 and len(summary["examples"]) == 2
+    assert summary["eval_first"]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    text = capsys.readouterr().out
+    assert "rule score on 2 held-out prompts: policy" in text and "reference:" in text
+    # The held-out prompts of the run are the generated eval file's, never trained on.
+    train_rows = (tmp_path / "cache" / "preftune" / "demo-data" / "seed-0" / "train.jsonl")
+    train_prompts = {json.loads(line)["prompt"][0]["content"]
+                     for line in train_rows.read_text().splitlines()}
+    assert all(not any(p in ex["prompt"] for p in train_prompts) for ex in summary["examples"])

@@ -7,10 +7,12 @@ from collections.abc import Sequence
 
 USAGE = """usage: preftune {sft,dpo} [CONFIG.yaml] [key=value ...] [--debug]
        preftune {sft,dpo} --help
+       preftune demo [key=value ...]
        preftune report OUTPUT_DIR
 
   sft   supervised fine-tuning on prompt + chosen response (makes the reference)
   dpo   preference optimisation (DPO, conservative DPO, IPO) against a frozen reference
+  demo  the built-in demo: DPO on SmolLM2-135M-Instruct with generated sentiment pairs
   report  plots and an HTML page from a run folder (training writes one at the end)
 
 Keys come from the YAML file and/or key=value overrides (overrides win).
@@ -29,8 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .report import main as report_main
 
         return report_main(rest)
+    demo = command == "demo"
+    if demo:
+        from .demo import demo_args
+
+        command, rest = "dpo", demo_args(rest)
     if command not in ("sft", "dpo"):
-        print(f"preftune: error: unknown command {command!r} (choose sft, dpo or report)",
+        print(f"preftune: error: unknown command {command!r} (choose sft, dpo, demo or report)",
               file=sys.stderr)
         return 2
 
@@ -53,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .train import TrainingError, train
 
     try:
-        train(cfg)
+        out = train(cfg)
     except (ConfigError, DataError, ModelError, CheckpointError) as e:
         return _fail(e, debug)
     except TrainingError as e:  # the run itself failed, not its input: status 1
@@ -61,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130
+    if demo:
+        from .demo import print_summary, summarize
+
+        print_summary(summarize(out))
     return 0
 
 

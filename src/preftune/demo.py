@@ -232,3 +232,63 @@ def generate(
         path.write_text(text, encoding="utf-8", newline="\n")
         paths[split] = path
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo job: generate the data, run `preftune dpo` on the recipe, score the samples
+
+
+RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
+
+
+def summarize(run_dir: str | Path, n_examples: int = 3) -> dict:
+    """Held-out reward metrics and the rule's score of policy vs reference completions."""
+    run = Path(run_dir)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["split"] == "eval"]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    last_step = max(s["step"] for s in samples)
+    final = [s for s in samples if s["step"] == last_step]
+    policy = [rule_score(s["policy"]) for s in final]
+    reference = [rule_score(s["reference"]) for s in final]
+    summary = {
+        "rule": RULE,
+        "eval_first": {k: evals[0][k] for k in ("loss", "rewards/accuracies", "rewards/margins")},
+        "eval_last": {k: evals[-1][k] for k in ("loss", "rewards/accuracies", "rewards/margins")},
+        "prompts": len(final),
+        "rule_score_policy": sum(policy) / len(policy),
+        "rule_score_reference": sum(reference) / len(reference),
+        "policy_better": sum(p > r for p, r in zip(policy, reference, strict=True)),
+        "policy_worse": sum(p < r for p, r in zip(policy, reference, strict=True)),
+        "examples": final[:n_examples],
+    }
+    (run / "demo_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    first, last = summary["eval_first"], summary["eval_last"]
+    print(f"\nheld-out pairs: reward accuracy {first['rewards/accuracies']:.2f} -> "
+          f"{last['rewards/accuracies']:.2f}, margin {first['rewards/margins']:.3f} -> "
+          f"{last['rewards/margins']:.3f}")
+    print(f"rule ({summary['rule']})")
+    print(f"rule score on {summary['prompts']} held-out prompts: policy "
+          f"{summary['rule_score_policy']:+.3f} vs reference {summary['rule_score_reference']:+.3f}"
+          f" (policy better on {summary['policy_better']}, worse on {summary['policy_worse']})")
+    for ex in summary["examples"]:
+        print(f"\nprompt:    {ex['prompt'].strip()[-120:]!r}")
+        print(f"reference: {ex['reference'].strip()!r}  [{rule_score(ex['reference']):+.2f}]")
+        print(f"policy:    {ex['policy'].strip()!r}  [{rule_score(ex['policy']):+.2f}]")
+
+
+def demo_args(argv: list[str], seed: int = 0) -> list[str]:
+    """Generate the demo data (once; the files are reproducible) and return the arguments of
+    the `preftune dpo` run: the recipe, the data files, then the user's overrides."""
+    from datetime import datetime
+
+    from .models import cache_dir
+
+    data = generate(cache_dir() / "demo-data" / f"seed-{seed}", n_train=192, n_eval=64,
+                    seed=seed)
+    return [str(RECIPE), f"dataset={data['train']}", f"eval_dataset={data['eval']}",
+            f"output_dir=runs/demo-{datetime.now():%Y%m%d-%H%M%S}", *argv]
