@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 Objective = Callable[..., tuple[Tensor, Counter]]
 
@@ -17,15 +19,19 @@ def evaluate(
     reference: torch.nn.Module | None,
     objective: Objective,
     batches: Iterable[dict[str, Tensor]],
+    progress: bool = False,
 ) -> Counter:
     """Summed loss and metrics of ``objective`` over ``batches`` (no gradients); ``finalize``
     turns them into means once summed over every process."""
     was_training = policy.training
     policy.eval()
     totals: Counter = Counter()
+    bar = tqdm(desc="eval", unit="batch", leave=False, disable=not progress, file=sys.stderr)
     for batch in batches:
         _, stats = objective(policy, reference, batch, 1.0)
         totals.update(stats)
+        bar.update(1)
+    bar.close()
     policy.train(was_training)
     return totals
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .distributed import World
 from .logprobs import PairLogps, concatenated_logps
@@ -57,12 +59,16 @@ def compute_reference_logps(
     mine = list(range(len(examples)))[world.rank :: world.size]
     out = torch.zeros(2, len(examples), dtype=torch.float64)
     done = 0
+    bar = tqdm(total=len(mine), desc="reference log-probs", unit="pair", leave=False,
+               disable=not world.main, file=sys.stderr)
     for batch in batches([examples[i] for i in mine]):
         pair = logps(model, batch)
         rows = mine[done : done + len(pair.chosen)]
         out[0, rows] = pair.chosen.double().cpu()
         out[1, rows] = pair.rejected.double().cpu()
         done += len(rows)
+        bar.update(len(rows))
+    bar.close()
     if world.distributed:
         torch.distributed.all_reduce(out)
     return out[0].float(), out[1].float()

@@ -87,6 +87,8 @@ def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data,
             print(f"reference log-probs of {len(examples)} {name} pairs: "
                   f"{'from cache' if hit else 'computed and cached'} ({cache})", file=sys.stderr)
     if cfg.n_samples and data.sample_prompts and world.main:
+        print(f"sampling {len(data.sample_prompts)} held-out prompts from the reference "
+              f"(greedy, {cfg.max_new_tokens} new tokens) ...", file=sys.stderr)
         batch = collate_pairs(data.sample_prompts, pad_id)
         data.reference_samples = generate(
             reference, tokenizer, batch["prompt_input_ids"].to(world.device),
@@ -360,7 +362,7 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     def run_eval() -> None:
         examples = share(data.eval, world)
         batches = micro_batches(examples, cfg.micro_batch_size, collate, pad_id, device)
-        stats = sum_across(evaluate(policy, reference, objective, batches), world)
+        stats = sum_across(evaluate(policy, reference, objective, batches, progress), world)
         log.eval({"split": "eval", "step": counters["step"], "examples": counters["examples"],
                   **finalize(stats)})
 
@@ -372,6 +374,7 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         mask = batch["prompt_attention_mask"].to(device)
         kw = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad_id,
               "synced": world.distributed}
+        log.note(f"sampling {len(data.sample_prompts)} held-out prompts (greedy) ...")
         completions = {"policy": generate(policy, tokenizer, ids, mask, **kw)}
         if reference is not None:
             completions["reference"] = generate(reference, tokenizer, ids, mask, **kw)
