@@ -229,8 +229,9 @@ def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1
         return fn(pair, tokenizer, truncation=truncation(pair), **limits)
 
     eval_examples = [encode(p) for p in eval_pairs]
-    # Sampling needs the prompt ids, which only the pair layout carries.
-    samples = [encode(p, tokenize_pair) for p in eval_pairs[: cfg.n_samples]]
+    # Sampling needs the prompt ids, which only the pair layout carries (SFT examples lack it).
+    samples = (eval_examples[: cfg.n_samples] if tokenize is tokenize_pair
+               else [encode(p, tokenize_pair) for p in eval_pairs[: cfg.n_samples]])
     train = [encode(p) for p in train_pairs]
     return Data(train, eval_examples, samples, dropped=len(train) % cfg.batch_size)
 
