@@ -1,23 +1,28 @@
-"""Speed and peak memory of one DPO training step: preftune vs TRL's ``DPOTrainer`` (CPU, fp32).
+"""Speed and peak memory of one DPO training step: preftune vs TRL's ``DPOTrainer``.
 
-Same model (SmolLM2-135M-Instruct), same HH-RLHF helpful-base test pairs, same pairs per step.
-Each competitor runs in a fresh subprocess of this script, so its peak resident memory is its
-own; the parent measures the machine's fp32 matmul rate, collects the children's JSON and
-prints one table.
+Same model, same HH-RLHF helpful-base test pairs, same pairs per step, same dtype. Each
+competitor runs in a fresh subprocess of this script, so its peak memory is its own; the parent
+measures the machine's matmul rate, collects the children's JSON and prints one table.
 
-* ``preftune``: the default ``preftune dpo`` step with micro_batch_size = batch size: the
-  ``DPOObjective`` fast path (chunked log-probs, shared prompt, packing) on a collated batch
-  carrying precomputed reference log-probs, backward, ``clip_grad_norm_(10)``, RMSprop step.
-  The one-off reference precompute is timed separately.
+* ``preftune``: the default ``preftune dpo`` step (``--set key=value`` changes a config key)
+  with micro_batch_size = batch size: the ``DPOObjective`` fast path (chunked log-probs, shared
+  prompt, packing) on a batch carrying precomputed reference log-probs, activation
+  checkpointing, backward, gradient clipping, the optimizer step. The one-off reference
+  precompute is timed separately.
 * ``trl``: ``DPOTrainer`` with its defaults (AdamW, reference forward at every step) except
-  fp32 and gradient checkpointing off; steps timed with a ``TrainerCallback``.
+  gradient checkpointing off and the dtype below; steps timed with a ``TrainerCallback``.
 * ``trl-precompute``: the same with ``precompute_ref_log_probs=True`` (done in ``__init__``).
 
-The first step of every method is a warmup and is not timed. "tokens" per pair are prompt +
+The first ``--warmup`` steps of every method are not timed. "tokens" per pair are prompt +
 chosen + rejected tokens actually used after each method's truncation (the prompt once); model
 FLOP utilisation = 6 x parameters x tokens per step / (median step time x matmul rate).
 
-    .venv/bin/python benchmarks/bench_dpo_vs_trl.py --steps 3 --pairs 4 --max-length 512
+    # CPU, fp32, SmolLM2-135M-Instruct (the README table)
+    python benchmarks/bench_dpo_vs_trl.py --steps 3 --pairs 4 --max-length 512
+    # one GPU, pure bf16, a random Qwen2.5-0.5B-shaped model at 1024 tokens
+    python benchmarks/bench_dpo_vs_trl.py --device cuda --dtype bfloat16 \
+        --model random-qwen2.5-0.5b --max-length 1024 --max-prompt-length 512 --pairs 8 \
+        --steps 5 --warmup 2 --matmul-n 8192 --peak-tflops 989 [--set compile=true]
 
 Needs ``trl`` (the ``bench`` extra). Note: TRL 1.x has no ``max_prompt_length``; it cuts
 prompt + completion to ``max_length`` keeping the start, while preftune first shortens the
@@ -27,7 +32,6 @@ prompt to ``max_prompt_length`` (keeping the end for HH). Both token counts are 
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
 import os
@@ -70,18 +74,76 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
-    """Median fp32 rate of an n x n matmul, in GFLOP/s (2 n^3 flops each)."""
+def matmul_gflops(n: int = 2048, repeats: int = 7, device: str = "cpu",
+                  dtype: str = "float32") -> float:
+    """Median rate of an n x n matmul in ``dtype`` on ``device``, in GFLOP/s (2 n^3 flops)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    kind = getattr(torch, dtype)
+    a = torch.randn(n, n, device=device, dtype=kind)
+    b = torch.randn(n, n, device=device, dtype=kind)
     torch.matmul(a, b)  # warmup
     times = []
     for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(times) / 1e9
+
+
+RANDOM = {  # randomly initialised Qwen2 models with the Qwen2.5 tokenizer (hidden, layers, heads,
+    # kv heads, intermediate): the 0.5B shape for the GPU table, a tiny one to test the script
+    "random-qwen2.5-0.5b": (896, 24, 14, 2, 4864),
+    "random-tiny": (64, 2, 4, 2, 128),
+}
+
+
+def build_random(name: str, folder: Path) -> str:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT.parent / "shared" / "assets" / "tokenizers"
+                                              / "qwen2.5")
+    hidden, layers, heads, kv, inter = RANDOM[name]
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv,
+                         intermediate_size=inter, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def dtype_of(args: argparse.Namespace):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
+
+def sync(args: argparse.Namespace) -> None:
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def device_peak_mib(args: argparse.Namespace) -> float | None:
+    if args.device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def reset_device_peak(args: argparse.Namespace) -> None:
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
 
 
 def load_pairs(n: int):
@@ -103,53 +165,65 @@ def setup_torch():
 
 def run_preftune(args: argparse.Namespace) -> dict:
     torch = setup_torch()
+    from preftune.config import DPOConfig, parse_config
     from preftune.data import collate_pairs, pad_id_for, tokenize_pair
     from preftune.models import load_model, load_tokenizer
     from preftune.reference import attach, compute_reference_logps
     from preftune.step import DPOObjective
 
-    tokenizer = load_tokenizer(MODEL)
+    # The default `preftune dpo` settings, with any --set overrides.
+    cfg = parse_config(DPOConfig, [f"model={args.model}", f"dataset={HH}", *args.set])
+    tokenizer = load_tokenizer(args.model)
     pad = pad_id_for(tokenizer)
     examples = [tokenize_pair(p, tokenizer, max_length=args.max_length,
                               max_prompt_length=args.max_prompt_length)
                 for p in load_pairs(args.pairs)]
-    objective = DPOObjective(beta=0.1, fast={"pad_token_id": pad, "chunked": True,
-                                             "chunk_size": 1024, "share_prompt": True,
-                                             "pack": True})
-    policy = load_model(MODEL, dtype=torch.float32)
+    objective = DPOObjective(beta=cfg.beta, fast={
+        "pad_token_id": pad, "chunked": cfg.chunked_logps, "chunk_size": cfg.chunk_size,
+        "share_prompt": cfg.share_prompt, "pack": cfg.pack})
+    policy = load_model(args.model, dtype=dtype_of(args)).to(args.device)
     policy.train()
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # One-off: the frozen reference's log-probs (as preftune.train.precompute_reference, no cache).
-    t = time.perf_counter()
-    reference = load_model(MODEL, dtype=torch.float32)
-    reference.eval().requires_grad_(False)
-    load_s = time.perf_counter() - t
+    # One-off: the frozen reference's log-probs (as preftune.train.precompute_reference, no
+    # cache): the reference is the policy's starting point, so the policy computes them itself.
 
     def batches(exs):
         for i in range(0, len(exs), args.pairs):
-            yield collate_pairs(exs[i : i + args.pairs], pad)
+            batch = collate_pairs(exs[i : i + args.pairs], pad)
+            yield {k: v.to(args.device) for k, v in batch.items()}
 
     t = time.perf_counter()
-    logps = compute_reference_logps(reference, examples, batches, logps=objective.sequence_logps)
+    policy.eval()
+    logps = compute_reference_logps(policy, examples, batches, logps=objective.sequence_logps)
+    policy.train()
     precompute_s = time.perf_counter() - t
     examples = attach(examples, logps)
-    del reference
-    gc.collect()
 
-    optimizer = torch.optim.RMSprop([p for p in policy.parameters() if p.requires_grad], lr=5e-7)
+    from preftune.distributed import transformer_blocks
+    from preftune.train import build_optimizer
+
+    if cfg.compile:
+        for block in transformer_blocks(policy):
+            block.compile()
+    optimizer = build_optimizer(cfg, policy)
 
     def step() -> float:
+        sync(args)
         start = time.perf_counter()
-        batch = collate_pairs(examples, pad)
+        batch = {k: v.to(args.device) for k, v in collate_pairs(examples, pad).items()}
         loss, _ = objective(policy, None, batch, objective.denominator(examples))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(args)
         return time.perf_counter() - start
 
-    warmup = step()
+    warmup = [step() for _ in range(args.warmup)]
     reset = reset_peak_rss()
+    reset_device_peak(args)
     times = [step() for _ in range(args.steps)]
     step_peak = peak_rss_mib() if reset else None
 
@@ -157,16 +231,17 @@ def run_preftune(args: argparse.Namespace) -> dict:
     chosen = sum(len(e["chosen_input_ids"]) - len(e["prompt_input_ids"]) for e in examples)
     rejected = sum(len(e["rejected_input_ids"]) - len(e["prompt_input_ids"]) for e in examples)
     return {"times": times, "warmup_s": warmup, "step_peak_mib": step_peak,
+            "device_peak_mib": device_peak_mib(args),
             "tokens": prompt + chosen + rejected, "prompt_tokens": prompt,
             "sequence_tokens": 2 * prompt + chosen + rejected,
             "params": sum(p.numel() for p in policy.parameters()),
-            "setup": {"reference_load_s": load_s, "reference_precompute_s": precompute_s}}
+            "setup": {"reference_precompute_s": precompute_s}}
 
 
 class StepTimer:
     """A TrainerCallback (built lazily: transformers is imported only in the child)."""
 
-    def __new__(cls):
+    def __new__(cls, bench: argparse.Namespace):
         from transformers import TrainerCallback
 
         class _Timer(TrainerCallback):
@@ -174,26 +249,31 @@ class StepTimer:
                 self.times: list[float] = []
                 self.first_begin: float | None = None
                 self.step_peak: float | None = None
+                self.device_peak: float | None = None
                 self._reset = False
                 self._t = 0.0
 
             def on_step_begin(self, args, state, control, **kwargs):
                 if self.first_begin is None:
                     self.first_begin = time.perf_counter()
-                if len(self.times) == 1 and not self._reset:  # after the warmup step
+                if len(self.times) == bench.warmup and not self._reset:  # after the warmup
                     self._reset = reset_peak_rss()
+                    reset_device_peak(bench)
+                sync(bench)
                 self._t = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
+                sync(bench)
                 self.times.append(time.perf_counter() - self._t)
                 if self._reset:
                     self.step_peak = peak_rss_mib()
+                    self.device_peak = device_peak_mib(bench)
 
         return _Timer()
 
 
 def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
-    torch = setup_torch()
+    setup_torch()
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -203,16 +283,17 @@ def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
     dataset = Dataset.from_dict({"prompt": [p.prompt for p in pairs],
                                  "chosen": [p.chosen for p in pairs],
                                  "rejected": [p.rejected for p in pairs]})
-    tokenizer = load_tokenizer(MODEL)
+    tokenizer = load_tokenizer(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_model(MODEL, dtype=torch.float32)
-    timer = StepTimer()
+    model = load_model(args.model, dtype=dtype_of(args))
+    timer = StepTimer(args)
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(
             output_dir=out, per_device_train_batch_size=args.pairs,
-            gradient_accumulation_steps=1, max_steps=args.steps + 1, max_length=args.max_length,
-            bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+            gradient_accumulation_steps=1, max_steps=args.steps + args.warmup,
+            max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=False,
+            use_cpu=args.device == "cpu",
             precompute_ref_log_probs=precompute, report_to="none", save_strategy="no",
             logging_steps=10**6, dataloader_num_workers=0, disable_tqdm=True, seed=0)
         t = time.perf_counter()
@@ -231,7 +312,8 @@ def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
             prompt += kept
             tokens += kept + (pc - kept) + (pr - kept)
             seq += pc + pr
-    return {"times": timer.times[1:], "warmup_s": timer.times[0], "step_peak_mib": timer.step_peak,
+    return {"times": timer.times[args.warmup:], "warmup_s": timer.times[:args.warmup],
+            "step_peak_mib": timer.step_peak, "device_peak_mib": timer.device_peak,
             "tokens": tokens, "prompt_tokens": prompt, "sequence_tokens": seq,
             "params": sum(p.numel() for p in model.parameters()),
             "setup": {"trainer_init_s": init_s,
@@ -250,7 +332,8 @@ def child(args: argparse.Namespace) -> None:
             result = run_trl(args, precompute=args.only == "trl-precompute")
     result.update(method=args.only, wall_s=time.perf_counter() - t,
                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  load=[load_before, os.getloadavg()[0]], gflops_after=matmul_gflops(),
+                  load=[load_before, os.getloadavg()[0]],
+                  gflops_after=matmul_gflops(args.matmul_n, device=args.device, dtype=args.dtype),
                   warnings=sorted({f"{w.category.__name__}: {str(w.message)[:160]}"
                                    for w in caught}))
     print("RESULT " + json.dumps(result), flush=True)
@@ -265,14 +348,25 @@ def fmt(x: float | None, spec: str) -> str:
 
 def parent(args: argparse.Namespace) -> None:
     setup_torch()
-    gflops = matmul_gflops()
-    print(f"fp32 matmul 2048x2048: {gflops:.1f} GFLOP/s (median of 7, {THREADS} threads); "
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model in RANDOM:
+            args.model = build_random(args.model, Path(tmp) / args.model)
+        _parent(args)
+
+
+def _parent(args: argparse.Namespace) -> None:
+    gflops = matmul_gflops(args.matmul_n, device=args.device, dtype=args.dtype)
+    where = f"{THREADS} threads" if args.device == "cpu" else _gpu_name()
+    print(f"{args.dtype} matmul {args.matmul_n}x{args.matmul_n} on {args.device}: "
+          f"{gflops:.1f} GFLOP/s (median of 7, {where}); "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     results = {}
     for method in args.methods:
         cmd = [sys.executable, __file__, "--only", method, "--steps", str(args.steps),
                "--pairs", str(args.pairs), "--max-length", str(args.max_length),
-               "--max-prompt-length", str(args.max_prompt_length)]
+               "--max-prompt-length", str(args.max_prompt_length), "--model", args.model,
+               "--device", args.device, "--dtype", args.dtype, "--warmup", str(args.warmup),
+               "--matmul-n", str(args.matmul_n), *[f"--set={kv}" for kv in args.set]]
         print(f"running {method} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -287,25 +381,32 @@ def parent(args: argparse.Namespace) -> None:
         for w in r["warnings"]:
             print(f"    warning: {w}")
 
-    print(f"\n{args.pairs} pairs/step, max_length {args.max_length}, max_prompt_length "
-          f"{args.max_prompt_length} (preftune only), fp32, no grad checkpointing, "
-          f"{THREADS} threads, {args.steps} timed steps after 1 warmup; "
-          f"matmul {gflops:.1f} GFLOP/s\n")
+    print(f"\n{Path(args.model).name}, {args.pairs} pairs/step, max_length {args.max_length}, "
+          f"max_prompt_length {args.max_prompt_length} (preftune only), {args.dtype} on "
+          f"{args.device}, TRL without grad checkpointing, preftune "
+          f"{' '.join(args.set) or 'defaults'}, {args.steps} timed steps after {args.warmup} "
+          f"warmup; matmul {gflops:.1f} GFLOP/s\n")
     head = (f"{'method':<15}{'median s/step':>14}{'pairs/s':>9}{'tokens/step':>12}"
-            f"{'tokens/s':>10}{'MFU':>7}{'peak RSS MiB':>14}{'step peak MiB':>15}")
+            f"{'tokens/s':>10}{'MFU':>7}{'peak RSS MiB':>14}{'step peak MiB':>15}"
+            f"{'GPU peak MiB':>14}")
     print(head)
     print("-" * len(head))
     for method, r in results.items():
         mfu = 6 * r["params"] * r["tokens"] / (r["median_s"] * gflops * 1e9)
         r["mfu"] = mfu
+        if args.peak_tflops:
+            r["mfu_nominal"] = mfu * gflops / (args.peak_tflops * 1e3)
         print(f"{method:<15}{r['median_s']:>14.2f}{args.pairs / r['median_s']:>9.3f}"
               f"{r['tokens']:>12d}{r['tokens'] / r['median_s']:>10.1f}{mfu:>7.1%}"
-              f"{r['peak_rss_mib']:>14.0f}{fmt(r['step_peak_mib'], '.0f'):>15}")
+              f"{r['peak_rss_mib']:>14.0f}{fmt(r['step_peak_mib'], '.0f'):>15}"
+              f"{fmt(r['device_peak_mib'], '.0f'):>14}")
+    if args.peak_tflops:
+        print("MFU against the nominal peak of " f"{args.peak_tflops:g} TFLOP/s: " + ", ".join(
+            f"{m} {r['mfu_nominal']:.1%}" for m, r in results.items()))
     if "preftune" in results:
         pt = results["preftune"]
         print(f"\npreftune one-off reference precompute ({args.pairs} pairs): "
-              f"{pt['setup']['reference_precompute_s']:.2f} s "
-              f"(+ {pt['setup']['reference_load_s']:.2f} s loading the reference)")
+              f"{pt['setup']['reference_precompute_s']:.2f} s")
         for name in ("trl", "trl-precompute"):
             if name in results:
                 o = results[name]
@@ -313,7 +414,9 @@ def parent(args: argparse.Namespace) -> None:
                       f"({(pt['tokens'] / pt['median_s']) / (o['tokens'] / o['median_s']):.2f}x "
                       f"tokens/s), peak RSS {pt['peak_rss_mib'] / o['peak_rss_mib']:.2f}x "
                       f"of {name}'s, step-phase peak "
-                      f"{fmt(_ratio(pt['step_peak_mib'], o['step_peak_mib']), '.2f')}x")
+                      f"{fmt(_ratio(pt['step_peak_mib'], o['step_peak_mib']), '.2f')}x"
+                      + (f", GPU peak {pt['device_peak_mib'] / o['device_peak_mib']:.2f}x"
+                         if pt["device_peak_mib"] and o["device_peak_mib"] else ""))
     if "trl-precompute" in results and "trl" in results:
         d = (results["trl-precompute"]["setup"]["trainer_init_s"]
              - results["trl"]["setup"]["trainer_init_s"])
@@ -322,19 +425,36 @@ def parent(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"gflops": gflops, "results": results}, indent=1))
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warmup step)")
+    ap.add_argument("--model", default=MODEL, help=f"a model folder, alias, or one of "
+                    f"{', '.join(RANDOM)} (random weights, Qwen2.5 tokenizer; default {MODEL})")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights and compute of both (bfloat16: pure bf16, as dtype=bfloat16)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (after the warmup)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation)")
+    ap.add_argument("--matmul-n", type=int, default=2048, help="size of the rate's matmul")
+    ap.add_argument("--peak-tflops", type=float, help="also report MFU against this nominal "
+                    "peak (H100 SXM dense bf16: 989)")
     ap.add_argument("--pairs", type=int, default=4, help="pairs per step (= micro-batch)")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--max-prompt-length", type=int, default=256)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a preftune dpo config key (e.g. gradient_checkpointing=false)")
     args = ap.parse_args()
     if args.only:
         child(args)

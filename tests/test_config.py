@@ -26,14 +26,17 @@ SHARED_DEFAULTS = {
     "weight_decay": 0.0, "warmup_steps": 150, "scheduler": "constant", "batch_size": 64,
     "micro_batch_size": 8, "max_length": 512, "max_prompt_length": 256, "truncation": "auto",
     "epochs": 1, "max_steps": None, "eval_every": 300, "sample_every": None, "n_samples": 4,
-    "max_new_tokens": 128, "max_grad_norm": 10.0, "seed": 0, "dtype": "float32",
-    "gradient_checkpointing": False, "log_every": 1, "trust_remote_code": False,
+    "max_new_tokens": 128, "max_grad_norm": 10.0, "seed": 0, "dtype": "float32", "compile": False,
+    "gradient_checkpointing": True, "log_every": 1, "trust_remote_code": False,
     "device": "auto", "strict_data": False, "save_every": None, "keep_checkpoints": 2,
-    "resume": None, "max_nonfinite_steps": 3,
+    "resume": None, "max_nonfinite_steps": 3, "report_to": "none", "lora": False, "lora_r": 8,
+    "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_target_modules": "all-linear",
+    "lora_export": "merged",
 }
 DPO_ONLY = {"reference": None, "loss": "dpo", "beta": 0.1, "label_smoothing": 0.0,
             "reference_free": False, "logps": "sum", "precompute_reference": True,
-            "chunked_logps": True, "chunk_size": 1024, "share_prompt": True, "pack": True}
+            "chunked_logps": True, "chunk_size": 256, "share_prompt": True, "pack": True,
+            "simpo_gamma": 0.5, "rpo_alpha": 0.0}
 
 
 def err(cls, args) -> str:
@@ -135,7 +138,7 @@ def test_bad_yaml_value_names_file_unless_overridden(tmp_path):
     ("lr=abc", "lr: expected a float, got 'abc'"),
     ("lr=true", "lr: expected a float, got true"),
     ("optimizer=sgd", "optimizer: expected one of rmsprop, adamw, got 'sgd'"),
-    ("loss=kto", "loss: expected one of dpo, ipo, got 'kto'"),
+    ("loss=kto", "loss: expected one of dpo, ipo, robust, hinge, simpo, bco_pair, got 'kto'"),
     ("dataset_format=weird", "dataset_format: expected one of "
      + ", ".join(DATASET_FORMATS) + ", got 'weird'"),
     ("batch_size=abc", "batch_size: expected an int, got 'abc'"),
@@ -168,7 +171,7 @@ def test_required_fields():
     (["max_prompt_length=600"], "max_prompt_length: must be < max_length (512), got 600"),
     (["micro_batch_size=128"], "micro_batch_size: must be <= batch_size (64), got 128"),
     (["loss=ipo", "label_smoothing=0.1"],
-     "label_smoothing: only applies to loss=dpo, got loss=ipo"),
+     "label_smoothing: only applies to loss=dpo or robust, got loss=ipo"),
 ])
 def test_cross_field(args, message):
     assert err(DPOConfig, [*REQ, *args]) == message
@@ -227,7 +230,7 @@ def test_help_lists_every_field_with_type_and_default():
     assert lines["lr"].split()[1:3] == ["float", "5e-07"]
     assert lines["max_steps"].split()[1:3] == ["int|null", "null"]
     assert lines["model"].split()[1:3] == ["str", "(required)"]
-    assert lines["gradient_checkpointing"].split()[1:3] == ["bool", "false"]
+    assert lines["gradient_checkpointing"].split()[1:3] == ["bool", "true"]
     assert lines["optimizer"].split()[1:3] == ["choice", "rmsprop"]
     assert "[rmsprop, adamw]" in lines["optimizer"]
     assert all(len(line.split()) > 3 for line in lines.values())  # every key has a meaning

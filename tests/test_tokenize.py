@@ -142,8 +142,8 @@ def test_prompt_and_response_truncation_reach_max_length() -> None:
 
 
 def test_default_truncation_follows_format() -> None:
-    assert default_truncation("hh") == "keep_end"
-    for fmt in ("shp", "stack-exchange-paired", "explicit", "implicit", "conversational"):
+    assert default_truncation("hh") == default_truncation("conversational") == "keep_end"
+    for fmt in ("shp", "stack-exchange-paired", "explicit", "implicit"):
         assert default_truncation(fmt) == "keep_start"
     tok = word_tokenizer(bos=False)
     for fmt, expected in (("hh", ids(14, 30)), ("shp", ids(0, 16))):

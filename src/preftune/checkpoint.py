@@ -80,7 +80,7 @@ def save_checkpoint(
     if world.distributed:
         save_sharded(tmp / DCP_DIR, model, optimizer)
     else:
-        save_file(_dedup_tied(model.state_dict()), tmp / WEIGHTS_FILE)
+        save_file(_dedup_tied(_trained_weights(model)), tmp / WEIGHTS_FILE)
         state = {**state, "optimizer": optimizer.state_dict()}
     barrier(world)
     if world.main:
@@ -97,10 +97,22 @@ def save_checkpoint(
         _fsync(marker)
         os.replace(marker, root / LATEST)
         _fsync(root)
-        for old in sorted(_complete(root), key=_step_of)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        # Older folders go, complete or not: a crash mid-prune can leave a half-removed one.
+        oldest_kept = _step_of(sorted(_complete(root), key=_step_of)[-keep:][0])
+        for old in root.glob("step-*"):
+            if old.name.removeprefix("step-").isdigit() and _step_of(old) < oldest_kept:
+                shutil.rmtree(old, ignore_errors=True)
     barrier(world)
     return final
+
+
+def _trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state, or only the trainable parameters when some are frozen (LoRA): frozen
+    weights come back from the base model, so checkpoints stay adapter-sized."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if not frozen:
+        return model.state_dict()
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _dedup_tied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -159,6 +171,7 @@ def load_checkpoint(
     # Only tied duplicates may be missing: they were stored once.
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
         n for n, _ in model.named_parameters()}
+    tied |= {n for n, p in model.named_parameters() if not p.requires_grad}  # see _trained_weights
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"resume: {path} does not match the model "
                               f"(missing {sorted(set(missing) - tied)[:3]}, "

@@ -9,11 +9,14 @@ USAGE = """usage: preftune {sft,dpo} [CONFIG.yaml] [key=value ...] [--debug]
        preftune {sft,dpo} --help
        preftune demo [key=value ...]
        preftune report OUTPUT_DIR
+       preftune data {inspect,convert} DATASET ... (see preftune data --help)
 
   sft   supervised fine-tuning on prompt + chosen response (makes the reference)
   dpo   preference optimisation (DPO, conservative DPO, IPO) against a frozen reference
   demo  the built-in demo: DPO on SmolLM2-135M-Instruct with generated sentiment pairs
   report  plots and an HTML page from a run folder (training writes one at the end)
+  data  inspect a preference dataset (pairs, skipped rows, lengths, truncation) or
+        convert it to explicit prompt/chosen/rejected JSON lines
 
 Keys come from the YAML file and/or key=value overrides (overrides win).
 --debug shows the full traceback of an error."""
@@ -31,14 +34,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .report import main as report_main
 
         return report_main(rest)
+    if command == "data":
+        from .data.cli import main as data_main
+
+        return data_main([*rest, "--debug"] if debug else rest)
     demo = command == "demo"
     if demo:
         from .demo import demo_args
 
         command, rest = "dpo", demo_args(rest)
     if command not in ("sft", "dpo"):
-        print(f"preftune: error: unknown command {command!r} (choose sft, dpo, demo or report)",
-              file=sys.stderr)
+        print(f"preftune: error: unknown command {command!r} (choose sft, dpo, demo, report "
+              "or data)", file=sys.stderr)
         return 2
 
     # Imported here so that `--help` and config errors answer without loading torch.

@@ -28,7 +28,9 @@ C = TypeVar("C", bound="TrainConfig")
 # help/dump sections, in order
 GROUPS = {"model": "model", "data": "data", "loss": "loss", "opt": "optimization",
           "eval": "evaluation & output", "run": "runtime"}
-_CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 0.5)": lambda v: 0 <= v < 0.5}
+_CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 0.5)": lambda v: 0 <= v < 0.5,
+           "in [0, 1)": lambda v: 0 <= v < 1}
+REPORT_TO: tuple[str, ...] = ("tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -61,7 +63,8 @@ class TrainConfig:
     max_length: int = _f("data", 512, "max tokens of prompt + response", "> 0")
     max_prompt_length: int = _f("data", 256, "max prompt tokens; must be < max_length", "> 0")
     truncation: Literal["auto", "keep_end", "keep_start"] = _f(
-        "data", "auto", "prompt truncation; auto = keep_end for hh, keep_start otherwise")
+        "data", "auto", "prompt truncation; auto = keep_end for hh and chat messages, keep_start "
+        "otherwise")
     strict_data: bool = _f("data", False, "stop at the first bad row, not skip and report")
     lr: float = _f("opt", 5e-7, "peak learning rate (the reference uses it for SFT too)", "> 0")
     optimizer: Literal["rmsprop", "adamw"] = _f("opt", "rmsprop", "reference: RMSprop "
@@ -98,8 +101,22 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = _f("run", "auto", "auto = cuda if available")
     dtype: Literal["float32", "bfloat16"] = _f("run", "float32", "weights and compute "
                                                "(reference: float32)")
-    gradient_checkpointing: bool = _f("run", False, "trade compute for activation memory")
+    gradient_checkpointing: bool = _f("run", True, "recompute each block's activations in "
+                                      "backward: activation memory of one block, ~12% slower")
+    compile: bool = _f("run", False, "torch.compile each transformer block of the policy "
+                       "(GPU; first steps pay the compilation)")
     trust_remote_code: bool = _f("run", False, "allow model code from the hub")
+    report_to: str = _f("eval", "none", "extra metric sinks besides metrics.jsonl, comma-"
+                        "separated: tensorboard, wandb (W&B honours WANDB_MODE=offline); none")
+    lora: bool = _f("model", False, "train LoRA adapters (PEFT) instead of all weights; the "
+                    "reference is the base model with adapters disabled")
+    lora_r: int = _f("model", 8, "LoRA rank", "> 0")
+    lora_alpha: float = _f("model", 16.0, "LoRA scaling numerator (scale = alpha / r)", "> 0")
+    lora_dropout: float = _f("model", 0.0, "dropout on the LoRA input", "in [0, 1)")
+    lora_target_modules: str = _f("model", "all-linear", "comma-separated module names, or "
+                                  "all-linear (every linear layer but the output layer)")
+    lora_export: Literal["merged", "adapter"] = _f("model", "merged", "final/: adapters "
+                                                   "merged into full weights, or the adapter")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -114,6 +131,15 @@ class TrainConfig:
         if self.micro_batch_size > self.batch_size:
             raise ConfigError(f"micro_batch_size: must be <= batch_size ({self.batch_size}), "
                               f"got {self.micro_batch_size}")
+        for sink in self.report_sinks():
+            if sink not in REPORT_TO:
+                raise ConfigError(f"report_to: unknown sink {sink!r}; expected a comma-"
+                                  f"separated list of {', '.join(REPORT_TO)}, or none")
+
+    def report_sinks(self) -> list[str]:
+        """report_to as a list of names ([] for none)."""
+        names = [n.strip().lower() for n in self.report_to.split(",") if n.strip()]
+        return [] if names == ["none"] else names
 
 
 @dataclass
@@ -126,25 +152,30 @@ class DPOConfig(TrainConfig):
     """Preference optimisation (DPO, conservative DPO, IPO) against a frozen reference."""
 
     reference: str | None = _f("model", None, "frozen reference; null = same as model")
-    loss: Literal["dpo", "ipo"] = _f("loss", "dpo", "preference loss")
+    loss: Literal["dpo", "ipo", "robust", "hinge", "simpo", "bco_pair"] = _f(
+        "loss", "dpo", "preference loss (preftune.losses.LOSSES)")
     beta: float = _f("loss", 0.1, "strength of the KL penalty toward the reference", "> 0")
-    label_smoothing: float = _f("loss", 0.0, "assumed label-flip rate (conservative DPO; "
-                                "loss=dpo only)", "in [0, 0.5)")
+    label_smoothing: float = _f("loss", 0.0, "assumed label-flip rate: conservative DPO "
+                                "(loss=dpo) or robust DPO (loss=robust)", "in [0, 0.5)")
+    simpo_gamma: float = _f("loss", 0.5, "SimPO target reward margin (loss=simpo)", ">= 0")
+    rpo_alpha: float = _f("loss", 0.0, "weight of a per-token NLL term on the chosen response "
+                          "added to any loss (RPO); 0 = off", ">= 0")
     reference_free: bool = _f("loss", False, "ignore the reference (uniform reference)")
     logps: Literal["sum", "mean"] = _f("loss", "sum", "sequence log-prob: sum or token mean")
     precompute_reference: bool = _f("run", True, "reference log-probs computed once before "
                                     "training and cached on disk; the reference is then freed")
     chunked_logps: bool = _f("run", True, "log-probs through the output layer in chunks, only "
                              "at response tokens: no [batch, length, vocab] logits (exact)")
-    chunk_size: int = _f("run", 1024, "tokens per output-layer chunk", "> 0")
+    chunk_size: int = _f("run", 256, "tokens per output-layer chunk", "> 0")
     share_prompt: bool = _f("run", True, "run each pair's prompt once: [prompt, chosen, "
                             "rejected] with a mask that hides chosen from rejected (exact)")
     pack: bool = _f("run", True, "pack pairs into rows so padding costs nothing (exact)")
 
     def _check(self) -> None:
         super()._check()
-        if self.label_smoothing > 0 and self.loss != "dpo":
-            raise ConfigError(f"label_smoothing: only applies to loss=dpo, got loss={self.loss}")
+        if self.label_smoothing > 0 and self.loss not in ("dpo", "robust"):
+            raise ConfigError(f"label_smoothing: only applies to loss=dpo or robust, got "
+                              f"loss={self.loss}")
 
 
 _STAGES: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}

@@ -56,6 +56,12 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated decoder blocks (the classes transformers names in ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def shard(model: torch.nn.Module, world: World, *, train: bool) -> torch.nn.Module:
     """FSDP2: shard each transformer block, then the root. On GPU, bf16 parameters and
     reductions with float32 master weights; on CPU, float32 throughout."""
@@ -69,8 +75,7 @@ def shard(model: torch.nn.Module, world: World, *, train: bool) -> torch.nn.Modu
     if world.device.type == "cuda" and train:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                    reduce_dtype=torch.bfloat16)
-    block_names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to "
                          "shard (no _no_split_modules)")

@@ -477,6 +477,8 @@ def pair_logps(
     token. Techniques the model cannot use fall back to the plain path with one
     :class:`FastpathFallbackWarning`.
     """
+    if hasattr(model, "get_base_model"):  # PEFT: the adapters live inside the model's layers
+        model = model.get_base_model()
     reasons = []
     if (chunked or share_prompt or pack) and (r := _family_reason(model)):
         reasons.append(f"fast paths off ({r})")

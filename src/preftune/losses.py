@@ -1,19 +1,107 @@
-"""Preference losses: pure functions of sequence log-probabilities.
+"""Preference losses: pure functions of sequence log-probabilities, and their registry.
 
 Notation (all per pair): pc, pr are the policy's log-probs of the chosen and rejected
 responses, rc, rr the reference's, and h = (pc - pr) - (rc - rr) the log-ratio margin.
+
+Adding a loss means writing one function and registering it with :func:`register_loss`; it
+is then a valid ``kind`` of :func:`preference_loss` (and of ``preftune.step.DPOObjective``).
+A registered function gets ``beta`` and the options it declares as keywords, and either the
+margin h (``margin=True``, the default) or the chosen and rejected log-ratios pc - rc and
+pr - rr (``margin=False``). When the reference is not used (``reference_free``, or a loss
+registered with ``needs_reference=False``) its terms are 0: h = pc - pr, log-ratios pc, pr.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LossKind = Literal["dpo", "ipo"]
-LOSS_KINDS: tuple[str, ...] = ("dpo", "ipo")
+LossKind = Literal["dpo", "ipo", "robust", "hinge", "simpo", "bco_pair"]
+
+# The options preference_loss passes on to the losses that declare them, with their defaults.
+OPTION_DEFAULTS: Mapping[str, float] = MappingProxyType(
+    {"label_smoothing": 0.0, "simpo_gamma": 0.5, "bco_delta": 0.0}
+)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered preference loss.
+
+    ``fn(terms..., beta=beta, **options) -> per-pair losses``: ``terms`` is the margin h when
+    ``margin``, else the chosen and rejected log-ratios. ``needs_reference`` is False for a
+    loss defined without a reference model (its reference terms are 0 and reference
+    log-probs are ignored). ``length_normalized`` means the loss is defined on per-token mean
+    log-probs, whatever the ``logps`` setting (``DPOObjective`` then computes means).
+    ``options`` maps a ``preference_loss`` keyword (see ``OPTION_DEFAULTS``) to the keyword
+    of ``fn`` that receives it.
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    margin: bool = True
+    needs_reference: bool = True
+    length_normalized: bool = False
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+LOSSES: dict[str, LossSpec] = {}
+# Registered names in registration order; rebound by register_loss (read it as
+# ``losses.LOSS_KINDS``, or use ``LOSSES``, to see losses registered after import).
+LOSS_KINDS: tuple[str, ...] = ()
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
+
+
+def register_loss(
+    name: str,
+    *,
+    margin: bool = True,
+    needs_reference: bool = True,
+    length_normalized: bool = False,
+    options: Mapping[str, str] | Iterable[str] = (),
+) -> Callable[[_Fn], _Fn]:
+    """Decorator registering a per-pair loss function under ``name`` (see ``LossSpec``).
+
+    ``options`` lists the ``preference_loss`` keywords the function takes: a mapping to the
+    function's own keyword names, or an iterable of names the function uses as they are.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a loss name must be a non-empty string, got {name!r}")
+    if name in LOSSES:
+        raise ValueError(f"a loss named {name!r} is already registered")
+    mapping = dict(options) if isinstance(options, Mapping) else {o: o for o in options}
+    unknown = sorted(set(mapping) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown loss option(s) {', '.join(map(repr, unknown))}; "
+                         f"preference_loss passes {', '.join(OPTION_DEFAULTS)}")
+
+    def decorator(fn: _Fn) -> _Fn:
+        global LOSS_KINDS
+        if not callable(fn):
+            raise TypeError(f"loss {name!r}: {fn!r} is not callable")
+        LOSSES[name] = LossSpec(name, fn, margin=margin, needs_reference=needs_reference,
+                                length_normalized=length_normalized,
+                                options=MappingProxyType(mapping))
+        LOSS_KINDS = tuple(LOSSES)
+        return fn
+
+    return decorator
+
+
+def loss_spec(kind: str) -> LossSpec:
+    """The registered spec of ``kind``; ValueError naming the known kinds otherwise."""
+    try:
+        return LOSSES[kind]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown loss kind {kind!r}; known: {', '.join(LOSSES)}") from None
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -24,6 +112,10 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
+# ----------------------------------------------------------------------------- the losses
+
+
+@register_loss("dpo", options=("label_smoothing",))
 def dpo_loss(h: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
     """DPO loss, Rafailov et al. 2023, Eq. 7: -log sigma(beta * h).
 
@@ -34,26 +126,108 @@ def dpo_loss(h: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
     return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
+@register_loss("ipo")
 def ipo_loss(h: Tensor, beta: float) -> Tensor:
     """IPO loss, Azar et al. 2023, Eq. 17: (h - 1 / (2 * beta))^2, with beta as the paper's tau."""
     return (h - 1.0 / (2.0 * beta)) ** 2
 
 
+@register_loss("robust", options=("label_smoothing",))
+def robust_dpo_loss(h: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """Robust DPO (rDPO), Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language
+    Models with Noisy Feedback" (arXiv:2403.00409), the de-biased loss for a label-flip rate
+    eps = label_smoothing < 1/2:
+
+        [(1 - eps) * l(beta * h) - eps * l(-beta * h)] / (1 - 2 * eps),  l(z) = -log sigma(z),
+
+    whose expectation over random flips is the DPO loss on the clean labels. eps = 0 is DPO.
+    Unlike conservative DPO it is unbounded below: for large beta * h it falls linearly.
+    """
+    z = beta * h
+    eps = label_smoothing
+    return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+@register_loss("hinge")
+def hinge_loss(h: Tensor, beta: float) -> Tensor:
+    """Hinge loss: max(0, 1 - beta * h), the rank calibration loss of SLiC-HF, Zhao et al.
+    2023 (arXiv:2305.10425), max(0, delta - log p(y_w|x) + log p(y_l|x)), with beta = 1/delta
+    and the loss scaled by 1/delta. h is measured against the reference as in DPO; with
+    ``reference_free`` it is SLiC's policy-only margin.
+    """
+    return torch.relu(1.0 - beta * h)
+
+
+@register_loss("simpo", needs_reference=False, length_normalized=True,
+               options={"simpo_gamma": "gamma"})
+def simpo_loss(h: Tensor, beta: float, gamma: float = 0.5) -> Tensor:
+    """SimPO, Meng et al. 2024, Eq. 6: -log sigma(beta/|y_w| log pi(y_w|x)
+    - beta/|y_l| log pi(y_l|x) - gamma).
+
+    Reference-free and length-normalised: h is the difference of the policy's per-token mean
+    log-probs of the chosen and rejected responses; gamma is the target reward margin.
+    """
+    return -F.logsigmoid(beta * h - gamma)
+
+
+@register_loss("bco_pair", margin=False, options={"bco_delta": "delta"})
+def bco_pair_loss(chosen: Tensor, rejected: Tensor, beta: float, delta: float = 0.0) -> Tensor:
+    """BCO on pairs, Jung et al. 2024, "Binary Classifier Optimization for Large Language
+    Model Alignment" (arXiv:2404.04656): each response is classified on its own,
+
+        -log sigma(r_w - delta) - log sigma(-(r_l - delta)),  r = beta * (log pi - log pi_ref),
+
+    ``chosen`` and ``rejected`` being the log-ratios log pi - log pi_ref. delta, the reward
+    shift, is a running mean of past rewards, kept by the caller (``DPOObjective``).
+    """
+    return -F.logsigmoid(beta * chosen - delta) - F.logsigmoid(-(beta * rejected - delta))
+
+
+def rpo_nll(chosen_logps: Tensor, chosen_tokens: Tensor | None) -> Tensor:
+    """The NLL term of RPO, Pang et al. 2024, "Iterative Reasoning Preference Optimization"
+    (arXiv:2404.19733): -log pi(y_w|x) / |y_w|, the per-token mean negative log-likelihood of
+    the chosen response, added as alpha * NLL to a preference loss.
+
+    ``chosen_tokens`` is the number of scored tokens of each chosen response when
+    ``chosen_logps`` are sums; pass None when they are already per-token means.
+    """
+    dtype = _compute_dtype(chosen_logps)
+    nll = -chosen_logps.to(dtype)
+    if chosen_tokens is None:
+        return nll
+    if chosen_tokens.shape != chosen_logps.shape:
+        raise ValueError(f"chosen_tokens {tuple(chosen_tokens.shape)} does not match "
+                         f"chosen_logps {tuple(chosen_logps.shape)}")
+    return nll / chosen_tokens.to(device=nll.device, dtype=dtype).clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
 def _check(
-    tensors: dict[str, Tensor | None], beta: float, kind: str, label_smoothing: float
-) -> None:
+    tensors: dict[str, Tensor | None], beta: float, kind: str, options: Mapping[str, float]
+) -> LossSpec:
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    label_smoothing = options["label_smoothing"]
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"unknown loss kind {kind!r}; known: {', '.join(LOSS_KINDS)}")
-    if kind == "ipo" and label_smoothing:
-        raise ValueError("label_smoothing applies to kind='dpo' only")
+    if not (math.isfinite(options["simpo_gamma"]) and options["simpo_gamma"] >= 0):
+        raise ValueError(f"simpo_gamma must be finite and >= 0, got {options['simpo_gamma']}")
+    if not math.isfinite(options["bco_delta"]):
+        raise ValueError(f"bco_delta must be finite, got {options['bco_delta']}")
+    spec = loss_spec(kind)
+    for name, value in options.items():
+        if name not in spec.options and value != OPTION_DEFAULTS[name]:
+            # latest registered first, so the original "kind='dpo' only" reads last
+            users = [k for k, s in reversed(LOSSES.items()) if name in s.options]
+            listed = " or ".join(f"kind={k!r}" for k in users) or "no registered kind"
+            raise ValueError(f"{name} applies to {listed} only, got kind={kind!r}")
     shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
     if len(set(shapes.values())) > 1:
         listed = ", ".join(f"{n}={s}" for n, s in shapes.items())
         raise ValueError(f"log-prob tensors must have the same shape, got {listed}")
+    return spec
 
 
 def preference_loss(
@@ -63,24 +237,37 @@ def preference_loss(
     reference_rejected_logps: Tensor | None,
     *,
     beta: float,
-    kind: LossKind = "dpo",
+    kind: str = "dpo",
     label_smoothing: float = 0.0,
     reference_free: bool = False,
+    simpo_gamma: float = 0.5,
+    bco_delta: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair preference losses and implicit rewards.
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``, each of the inputs' shape.
-    ``kind="dpo"`` is DPO (Eq. 7), or conservative DPO when ``label_smoothing > 0``;
-    ``kind="ipo"`` is IPO (Eq. 17). With ``reference_free`` the reference terms of h are 0.
-    Rewards are beta * (policy - reference), detached, and always measured against the
-    reference (which may be None only when reference_free; it then counts as 0).
+    ``kind`` is any registered loss (``LOSSES``): ``"dpo"`` is DPO (Eq. 7), or conservative
+    DPO when ``label_smoothing > 0``; ``"ipo"`` IPO (Eq. 17); ``"robust"`` robust DPO with flip
+    rate ``label_smoothing``; ``"hinge"`` the SLiC hinge loss; ``"simpo"`` SimPO with margin
+    ``simpo_gamma`` (expects per-token mean log-probs; reference log-probs are ignored and may
+    be None); ``"bco_pair"`` pairwise BCO with reward shift ``bco_delta``. With
+    ``reference_free`` the reference terms of the loss are 0.
+    Rewards are beta * (policy - reference), detached, and measured against the reference
+    whenever one is given, even when ``reference_free`` (it may be None only then, and
+    counts as 0); a loss that needs no reference (simpo) ignores it: rewards beta * policy.
     """
+    spec = LOSSES.get(kind) if isinstance(kind, str) else None
+    uses_reference = spec is None or spec.needs_reference
+    if not uses_reference:
+        reference_chosen_logps = reference_rejected_logps = None
     if reference_chosen_logps is None or reference_rejected_logps is None:
-        if not reference_free:
+        if uses_reference and not reference_free:
             raise ValueError("reference log-probs are required unless reference_free=True")
         reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
         reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
-    _check(
+    options = {"label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma,
+               "bco_delta": bco_delta}
+    spec = _check(
         {
             "policy_chosen_logps": policy_chosen_logps,
             "policy_rejected_logps": policy_rejected_logps,
@@ -89,7 +276,7 @@ def preference_loss(
         },
         beta,
         kind,
-        label_smoothing,
+        options,
     )
     dtype = _compute_dtype(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
@@ -97,8 +284,14 @@ def preference_loss(
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     rc, rr = reference_chosen_logps.to(dtype), reference_rejected_logps.to(dtype)
 
-    h = pc - pr if reference_free else (pc - pr) - (rc - rr)
-    losses = dpo_loss(h, beta, label_smoothing) if kind == "dpo" else ipo_loss(h, beta)
+    free = reference_free or not spec.needs_reference
+    kwargs = {spec.options[name]: options[name] for name in spec.options}
+    if spec.margin:
+        h = pc - pr if free else (pc - pr) - (rc - rr)
+        losses = spec.fn(h, beta=beta, **kwargs)
+    else:
+        chosen, rejected = (pc, pr) if free else (pc - rc, pr - rr)
+        losses = spec.fn(chosen, rejected, beta=beta, **kwargs)
     chosen_rewards = (beta * (pc - rc)).detach()
     rejected_rewards = (beta * (pr - rr)).detach()
     return losses, chosen_rewards, rejected_rewards

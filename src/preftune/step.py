@@ -8,8 +8,9 @@ Statistics are sums, turned into means once the whole batch (or eval set) is see
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -17,27 +18,102 @@ from torch import Tensor
 
 from .fastpath import pair_logps
 from .logprobs import IGNORE_INDEX, PairLogps, concatenated_logps, sequence_logps
-from .losses import LossKind, preference_loss
+from .losses import LossSpec, loss_spec, preference_loss, rpo_nll
 
 
 @dataclass(frozen=True)
 class DPOObjective:
-    """The settings that define a preference objective (see ``preference_loss``)."""
+    """The settings that define a preference objective (see ``preference_loss``).
+
+    ``kind`` is any registered loss (``preftune.losses.LOSSES``). ``rpo_alpha > 0`` adds RPO's
+    per-token NLL of the chosen response, ``rpo_alpha * nll``, to every pair's loss. Losses
+    that take ``bco_delta`` (bco_pair) keep a running mean of past rewards as ``state``: every
+    micro-batch of a step uses the value from before the step, and ``after_step`` (once per
+    optimizer step, with the step's summed statistics) folds the step's rewards in; evaluation
+    does not call it. When ``needs_reference`` is False (``reference_free``, or a loss without
+    a reference such as simpo) a reference model or precomputed reference log-probs passed in
+    are ignored, and the rewards are beta * the policy's log-probs.
+    """
 
     beta: float = 0.1
-    kind: LossKind = "dpo"
+    kind: str = "dpo"
     label_smoothing: float = 0.0
     reference_free: bool = False
     logps: Literal["sum", "mean"] = "sum"
     # Exact fast paths (preftune.fastpath); None keeps the plain concatenated forward.
     fast: dict | None = None
+    simpo_gamma: float = 0.5
+    rpo_alpha: float = 0.0
+    # Mutable state of stateful losses (see state_dict); not part of the settings.
+    state: dict[str, float] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        loss_spec(self.kind)  # unknown kinds fail here, not at the first step
+        if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
+            raise ValueError(f"rpo_alpha must be finite and >= 0, got {self.rpo_alpha}")
+        if self.logps not in ("sum", "mean"):
+            raise ValueError(f"logps must be 'sum' or 'mean', got {self.logps!r}")
+
+    @property
+    def spec(self) -> LossSpec:
+        return loss_spec(self.kind)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the objective uses a reference model (or precomputed reference log-probs)."""
+        return not self.reference_free and self.spec.needs_reference
+
+    @property
+    def average(self) -> bool:
+        """Whether sequence log-probs are per-token means (``logps=mean``, or the loss is
+        length-normalised like simpo) rather than sums."""
+        return self.logps == "mean" or self.spec.length_normalized
+
+    @property
+    def _tracks_rewards(self) -> bool:
+        return "bco_delta" in self.spec.options
+
+    @property
+    def reward_mean(self) -> float:
+        """Mean of every chosen and rejected reward of the steps so far (0 before the first):
+        the bco_pair reward shift delta."""
+        count = self.state.get("reward_count", 0.0)
+        return self.state.get("reward_sum", 0.0) / count if count else 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        """The objective's state, for checkpoints: {} for stateless losses."""
+        if not self._tracks_rewards:
+            return {}
+        return {"reward_sum": float(self.state.get("reward_sum", 0.0)),
+                "reward_count": float(self.state.get("reward_count", 0.0))}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore ``state_dict()`` output; missing keys take their initial value."""
+        known = set(self.state_dict())
+        unknown = sorted(set(state) - known)
+        if unknown:
+            raise ValueError(f"unexpected objective state {', '.join(map(repr, unknown))} for "
+                             f"loss {self.kind!r} (expected: {', '.join(sorted(known)) or 'none'})")
+        self.state.clear()
+        self.state.update({k: float(v) for k, v in state.items()})
+
+    def after_step(self, stats: Counter) -> None:
+        """Fold one optimizer step's summed statistics into the state (all micro-batches, and
+        all processes when distributed: call it on every rank with the same sums). A step
+        whose reward sums are not finite is left out."""
+        if not self._tracks_rewards:
+            return
+        total = float(stats["rewards/chosen"]) + float(stats["rewards/rejected"])
+        if not math.isfinite(total):
+            return
+        self.state["reward_sum"] = self.state.get("reward_sum", 0.0) + total
+        self.state["reward_count"] = self.state.get("reward_count", 0.0) + 2.0 * stats["pairs"]
 
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
         """Chosen and rejected log-probs of a collated micro-batch under ``model``."""
-        average = self.logps == "mean"
         if self.fast is None:
-            return concatenated_logps(model, batch, average=average)
-        return pair_logps(model, batch, average=average, **self.fast)
+            return concatenated_logps(model, batch, average=self.average)
+        return pair_logps(model, batch, average=self.average, **self.fast)
 
     def __call__(
         self,
@@ -46,19 +122,26 @@ class DPOObjective:
         batch: dict[str, Tensor],
         denominator: float,
     ) -> tuple[Tensor, Counter]:
+        spec = self.spec
         pol = self.sequence_logps(policy, batch)
-        if "reference_chosen_logps" in batch:  # precomputed once (preftune.reference)
+        ref_c = ref_r = None
+        if not self.needs_reference:
+            pass  # the reference (model or precomputed numbers) is not used
+        elif "reference_chosen_logps" in batch:  # precomputed once (preftune.reference)
             ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
         elif reference is not None:
             with torch.no_grad():
                 ref = self.sequence_logps(reference, batch)
             ref_c, ref_r = ref.chosen, ref.rejected
-        else:
-            ref_c = ref_r = None
+        options = {"simpo_gamma": self.simpo_gamma, "bco_delta": self.reward_mean}
         losses, r_c, r_r = preference_loss(
             pol.chosen, pol.rejected, ref_c, ref_r, beta=self.beta, kind=self.kind,
             label_smoothing=self.label_smoothing, reference_free=self.reference_free,
+            **{k: v for k, v in options.items() if k in spec.options},
         )
+        if self.rpo_alpha:
+            nll = rpo_nll(pol.chosen, None if self.average else pol.chosen_tokens)
+            losses = losses + self.rpo_alpha * nll
         stats = Counter({
             "pairs": len(losses),
             "loss": losses.detach().sum().item(),
@@ -71,6 +154,8 @@ class DPOObjective:
             "tokens": int(batch["chosen_attention_mask"].sum())
             + int(batch["rejected_attention_mask"].sum()),
         })
+        if self.rpo_alpha:
+            stats["nll"] = nll.detach().sum().item()
         return losses.sum() / denominator, stats
 
     @staticmethod
@@ -104,6 +189,15 @@ class SFTObjective:
             "tokens": int(batch["attention_mask"].sum()),
         })
         return nll.sum() / denominator, stats
+
+    def state_dict(self) -> dict[str, float]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        pass
+
+    def after_step(self, stats: Counter) -> None:
+        pass
 
     @staticmethod
     def denominator(examples: list[dict[str, list[int]]]) -> float:

@@ -1,13 +1,40 @@
-"""Run outputs that are not models: metrics.jsonl, samples.jsonl and the terminal progress."""
+"""Run outputs that are not models: metrics.jsonl, samples.jsonl, the terminal progress, and
+the optional metric sinks chosen by `report_to` (TensorBoard, Weights & Biases).
+
+metrics.jsonl is always written. Each sink gets the same records under the same names: every
+numeric value of a record (bools as 0/1; strings and other values are left out) under
+``<split>/<key>``, e.g. ``train/loss``, ``train/rewards/accuracies``, ``eval/logps/chosen``,
+``train/lr``, with the record's ``step`` (the optimizer step) as the x axis. The ``split`` and
+``step`` keys themselves are not metrics. Train records reach the sinks when they reach
+metrics.jsonl (log steps and non-finite steps). The samples of one sampling round are one
+``samples`` entry: a markdown table of prompt / policy / reference in TensorBoard's text tab, a
+``wandb.Table`` in W&B; the resolved config is TensorBoard text ``config`` and W&B's run config.
+
+Where they go: TensorBoard event files in ``<output_dir>/tensorboard/``; the W&B run in
+``<output_dir>/wandb/`` (project ``$WANDB_PROJECT``, default ``preftune``; named after the output
+folder; ``WANDB_MODE=offline`` works without network or account). A resumed run keeps its W&B
+run id (kept in ``wandb/preftune-run-id``; ``$WANDB_RUN_ID`` overrides it) and TensorBoard drops
+the events past the resumed step, as metrics.jsonl does. W&B cannot forget the steps logged
+after the checkpoint by the run that crashed; they stay in its history.
+"""
 
 from __future__ import annotations
 
+import html
+import importlib
 import json
+import os
+import secrets
+import string
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from .config import REPORT_TO, ConfigError
 
 
 class JsonlWriter:
@@ -48,36 +75,163 @@ class Progress:
         self.bar.close()
 
 
+def metric_values(record: dict[str, Any]) -> dict[str, float]:
+    """A record's numeric values named ``<split>/<key>``: what every sink logs at its step."""
+    split = record.get("split", "train")
+    return {f"{split}/{key}": float(value) for key, value in record.items()
+            if key not in ("split", "step") and isinstance(value, int | float)}
+
+
+def _markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(value: Any) -> str:
+        text = html.escape(str(value), quote=False).replace("|", "&#124;")
+        return text.replace("\r\n", "\n").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row if key != "step"))
+
+
+class TensorBoardSink:
+    """Scalars, sample tables and the config as text, in ``<out>/tensorboard``."""
+
+    def __init__(self, out: Path, initial: int, config: dict[str, Any] | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # TensorBoard hides the events an earlier run wrote from purge_step on: after the
+        # resumed step, or all of them when the run starts over, as truncate_logs does.
+        self.writer = SummaryWriter(str(out / "tensorboard"),
+                                    purge_step=initial + 1 if initial else 0)
+        if config:
+            self.writer.add_text("config", _markdown_table(
+                [{"key": k, "value": v} for k, v in config.items()], ["key", "value"]), initial)
+            self.writer.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.writer.add_text("samples", _markdown_table(rows, _columns(rows)), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A W&B run in ``<out>/wandb``, with ``step`` as the x axis of every metric."""
+
+    ID_FILE = "preftune-run-id"
+
+    def __init__(self, out: Path, initial: int, config: dict[str, Any] | None,
+                 wandb: ModuleType) -> None:
+        self.wandb = wandb
+        folder = out / "wandb"
+        folder.mkdir(parents=True, exist_ok=True)
+        id_file = folder / self.ID_FILE
+        run_id = os.environ.get("WANDB_RUN_ID")
+        if not run_id and initial > 0 and id_file.is_file():
+            run_id = id_file.read_text(encoding="utf-8").strip()
+        if not run_id:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits)
+                             for _ in range(8))
+        try:
+            self.run = wandb.init(dir=str(out), config=config or {}, name=out.resolve().name,
+                                  project=os.environ.get("WANDB_PROJECT", "preftune"),
+                                  id=run_id, resume="allow")
+        except wandb.errors.Error as e:
+            message = " ".join(str(e).split())
+            raise ConfigError(f"report_to: wandb could not start a run ({message}); log in with "
+                              f"`wandb login` or set WANDB_MODE=offline") from None
+        id_file.write_text(self.run.id + "\n", encoding="utf-8")
+        self.run.define_metric("step", hidden=True)
+        for name in ("train/*", "eval/*", "samples"):
+            self.run.define_metric(name, step_metric="step")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log({"step": step, **values})
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        columns = _columns(rows)
+        table = self.wandb.Table(columns=columns,
+                                 data=[[str(row.get(c, "")) for c in columns] for row in rows])
+        self.run.log({"step": step, "samples": table})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _import_sink(name: str) -> ModuleType:
+    """The package a sink needs, or a one-line ConfigError naming the extra to install."""
+    if name not in REPORT_TO:
+        raise ConfigError(f"report_to: unknown sink {name!r}; expected a comma-separated list "
+                          f"of {', '.join(REPORT_TO)}, or none")
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(f"report_to: {name} needs the '{name}' package "
+                          f"(pip install 'preftune[{name}]')") from None
+
+
 class RunLog:
-    """What a run writes as it goes: metrics, samples, the progress bar. Disabled on ranks
-    other than 0, so the loop calls it the same way in every process."""
+    """What a run writes as it goes: metrics, samples, the progress bar, and the `report_to`
+    sinks. Disabled on ranks other than 0, so the loop calls it the same way in every process;
+    sinks exist only where it is enabled."""
 
     def __init__(self, out: Path, total: int, desc: str, initial: int, progress: bool,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, *, report_to: Sequence[str] = (),
+                 config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.evals: list[dict[str, Any]] = []
+        self.sinks: list[TensorBoardSink | WandbSink] = []
+        self._samples: list[dict[str, Any]] = []  # the sampling round not yet sent to the sinks
         if enabled:
+            # Every package first: a missing one stops the run before anything is opened.
+            modules = {name: _import_sink(name) for name in dict.fromkeys(report_to)}
             self.evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "eval"]
             self.metrics = JsonlWriter(out / "metrics.jsonl")
             self.samples = JsonlWriter(out / "samples.jsonl")
+            try:
+                for name, module in modules.items():
+                    self.sinks.append(TensorBoardSink(out, initial, config) if name == "tensorboard"
+                                      else WandbSink(out, initial, config, module))
+            except BaseException:
+                self._close_outputs()
+                raise
         self.bar = Progress(total, desc, enabled=enabled and progress, initial=initial)
 
     def train(self, record: dict[str, Any], write: bool) -> None:
         self.bar.update(record)
-        if self.enabled and write:
-            self.metrics.write(record)
+        if self.enabled:
+            self._send_samples()
+            if write:
+                self.metrics.write(record)
+                self._send(record)
 
     def eval(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        self._send_samples()
         self.metrics.write(record)
+        self._send(record)
         self.evals.append(record)
         self.note(f"eval step {record['step']}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)))
 
     def sample(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            self.samples.write(record)
+        if not self.enabled:
+            return
+        self.samples.write(record)
+        if self.sinks:
+            if self._samples and self._samples[0]["step"] != record["step"]:
+                self._send_samples()
+            self._samples.append(record)
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -86,8 +240,26 @@ class RunLog:
     def close(self) -> None:
         self.bar.close()
         if self.enabled:
-            self.metrics.close()
-            self.samples.close()
+            self._send_samples()
+            self._close_outputs()
+
+    def _send(self, record: dict[str, Any]) -> None:
+        if self.sinks:
+            values = metric_values(record)
+            for sink in self.sinks:
+                sink.scalars(record["step"], values)
+
+    def _send_samples(self) -> None:
+        if self._samples:
+            rows, self._samples = self._samples, []
+            for sink in self.sinks:
+                sink.samples(rows[0]["step"], rows)
+
+    def _close_outputs(self) -> None:
+        self.metrics.close()
+        self.samples.close()
+        while self.sinks:
+            self.sinks.pop().close()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

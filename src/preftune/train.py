@@ -44,8 +44,11 @@ from .distributed import (
     shard,
     share,
     sum_across,
+    transformer_blocks,
 )
 from .evaluate import evaluate, generate
+from .lora import apply_lora, merged, reference_view
+from .losses import loss_spec
 from .models import cache_dir, disable_dropout, load_model, load_tokenizer, save_pretrained
 from .reference import attach, cached_reference_logps
 from .report import write_report
@@ -75,6 +78,8 @@ def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data,
         return micro_batches(examples, cfg.micro_batch_size, collate_pairs, pad_id, world.device)
 
     cache = cache_dir() / "reference-logps"
+    was_training = reference.training  # the policy itself may serve as the reference here
+    reference.eval()
     for name in ("train", "eval"):
         examples = getattr(data, name)
         if not examples:
@@ -94,6 +99,7 @@ def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data,
             reference, tokenizer, batch["prompt_input_ids"].to(world.device),
             batch["prompt_attention_mask"].to(world.device),
             max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id)
+    reference.train(was_training)
 
 
 def _stage(cfg: TrainConfig) -> str:
@@ -151,7 +157,7 @@ def preflight(cfg: TrainConfig, out: Path) -> None:
 # Keys that may change when resuming: they do not alter the steps already taken.
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "eval_every", "sample_every", "save_every",
                      "keep_checkpoints", "log_every", "n_samples", "max_new_tokens", "device",
-                     "max_nonfinite_steps"}
+                     "max_nonfinite_steps", "report_to"}
 
 
 def find_resume_point(cfg: TrainConfig, out: Path) -> Path | None:
@@ -272,8 +278,18 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. repeated non-finite steps); the message is one line."""
 
 
+def needs_reference(cfg: TrainConfig) -> bool:
+    """DPO losses compare with a reference unless reference-free (some losses always are)."""
+    return (_stage(cfg) == "dpo" and not cfg.reference_free
+            and loss_spec(cfg.loss).needs_reference)
+
+
 def build_models(cfg: TrainConfig, device: torch.device, tokenizer):
-    """The trainable policy and, for DPO, the frozen reference (None when reference-free)."""
+    """The trainable policy and, for DPO, the frozen reference (None when reference-free).
+
+    When the reference is the policy's own starting point and is needed only before the first
+    update (precomputed log-probs) or through bypassed adapters (LoRA), the policy itself is
+    returned as the reference: no second copy of the weights is loaded."""
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     policy = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     vocab = policy.get_input_embeddings().weight.shape[0]
@@ -285,8 +301,10 @@ def build_models(cfg: TrainConfig, device: torch.device, tokenizer):
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Reference-free runs load no reference: their rewards are measured against 0.
-    if _stage(cfg) == "sft" or cfg.reference_free:
+    if not needs_reference(cfg):
         return policy, None
+    if cfg.reference == cfg.model and (cfg.precompute_reference or cfg.lora):
+        return policy, policy
     reference = load_model(cfg.reference, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     reference.to(device).eval().requires_grad_(False)
     disable_dropout(reference)
@@ -301,6 +319,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     """Run one stage end to end, in this process or as one rank under torchrun."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' requested but no CUDA device is available")
+    if cfg.lora and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ConfigError("lora: not supported under torchrun with more than one process yet; "
+                          "run LoRA in one process")
     world = init_world(cfg.device)
     try:
         return _train(resolve(cfg), world, progress=progress and world.main)
@@ -330,7 +351,8 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
                     "chunk_size": cfg.chunk_size, "share_prompt": cfg.share_prompt,
                     "pack": cfg.pack}
         objective = DPOObjective(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
-                                 reference_free=cfg.reference_free, logps=cfg.logps, fast=fast)
+                                 reference_free=cfg.reference_free, logps=cfg.logps, fast=fast,
+                                 simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
         collate = collate_pairs
     else:
         objective, collate = SFTObjective(), collate_sft
@@ -339,7 +361,16 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         del reference  # frozen numbers now travel with the pairs: free the model
         reference = None
         gc.collect()
+    # LoRA: the policy's base with adapters bypassed is the reference (B = 0 at the start).
+    live_view = reference is policy
+    if cfg.lora:
+        policy = apply_lora(policy, cfg)
+    if live_view:
+        reference = None
     policy = shard(policy, world, train=True)
+    if cfg.compile:  # per block: the mask building and the loss stay eager, no graph breaks
+        for block in transformer_blocks(policy):
+            block.compile()
     reference = shard(reference, world, train=False) if reference is not None else None
 
     optimizer = build_optimizer(cfg, policy)
@@ -352,17 +383,30 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     if resume_from is not None:
         state = load_checkpoint(resume_from, policy, optimizer)
         scheduler.load_state_dict(state["scheduler"])
+        objective.load_state_dict(state.get("objective", {}))
         set_rng_state(state["rng"])
         counters.update(state["counters"])
     if world.main:
         if cfg.resume is not None:
             truncate_logs(out, counters["step"])
         dump_config(cfg, out / "config.yaml")
-    log = RunLog(out, total_steps, stage, counters["step"], progress, enabled=world.main)
+    log = RunLog(out, total_steps, stage, counters["step"], progress, enabled=world.main,
+                 report_to=cfg.report_sinks(), config=config_to_dict(cfg))
+
+    def with_reference(batches):
+        """Attach live reference log-probs computed by the policy with its adapters off."""
+        for batch in batches:
+            if live_view:
+                with torch.no_grad(), reference_view(policy):
+                    ref = objective.sequence_logps(policy, batch)
+                batch = {**batch, "reference_chosen_logps": ref.chosen,
+                         "reference_rejected_logps": ref.rejected}
+            yield batch
 
     def run_eval() -> None:
         examples = share(data.eval, world)
-        batches = micro_batches(examples, cfg.micro_batch_size, collate, pad_id, device)
+        batches = with_reference(
+            micro_batches(examples, cfg.micro_batch_size, collate, pad_id, device))
         stats = sum_across(evaluate(policy, reference, objective, batches, progress), world)
         log.eval({"split": "eval", "step": counters["step"], "examples": counters["examples"],
                   **finalize(stats)})
@@ -379,6 +423,9 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         completions = {"policy": generate(policy, tokenizer, ids, mask, **kw)}
         if reference is not None:
             completions["reference"] = generate(reference, tokenizer, ids, mask, **kw)
+        elif live_view:
+            with reference_view(policy):
+                completions["reference"] = generate(policy, tokenizer, ids, mask, **kw)
         elif data.reference_samples:
             completions["reference"] = data.reference_samples
         prompts = tokenizer.batch_decode(
@@ -400,13 +447,14 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         examples = [data.train[i] for i in indices]
         denominator = objective.denominator(examples)  # of the global batch, on every rank
         stats: Counter = Counter()
-        for batch in micro_batches(share(examples, world), cfg.micro_batch_size, collate,
-                                   pad_id, device):
+        for batch in with_reference(micro_batches(share(examples, world), cfg.micro_batch_size,
+                                                  collate, pad_id, device)):
             loss, micro_stats = objective(policy, reference, batch, denominator)
             # FSDP averages gradients over ranks; scaling by the world size makes it a sum.
             (loss * world.size).backward()
             stats.update(micro_stats)
         stats = sum_across(stats, world)
+        objective.after_step(stats)  # running statistics some losses keep (BCO's reward mean)
         grad_norm = grad_norm_value(
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
         lr = scheduler.get_last_lr()[0]
@@ -443,6 +491,7 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         if due(cfg.save_every) and counters["nonfinite_run"] == 0:
             save_checkpoint(out, counters["step"], policy, optimizer, {
                 "counters": dict(counters), "scheduler": scheduler.state_dict(),
+                "objective": objective.state_dict(),
                 "rng": rng_state()}, cfg.keep_checkpoints, world)
 
     run_eval()
@@ -451,6 +500,8 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     log.close()
     weights = full_state_dict(policy, world) if world.distributed else None
     if world.main:
+        if cfg.lora and cfg.lora_export == "merged":
+            policy = merged(policy)  # after the last eval and samples: folds adapters in place
         final = save_pretrained(policy, tokenizer, out / "final", state_dict=weights)
         report = write_report(out)
         print_summary(final, log.evals, data)

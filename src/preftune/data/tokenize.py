@@ -38,8 +38,10 @@ IGNORE_INDEX = -100
 
 
 def default_truncation(format: str) -> Truncation:
-    """``keep_end`` for HH (as the original DPO code), ``keep_start`` otherwise."""
-    return "keep_end" if format == "hh" else "keep_start"
+    """``keep_end`` for dialogues: HH (as the original DPO code) and chat messages, where the
+    start of a too-long conversation goes and its last turns and generation prompt stay;
+    ``keep_start`` otherwise (as the original code for other datasets)."""
+    return "keep_end" if format in ("hh", "conversational") else "keep_start"
 
 
 def _apply_template(

@@ -1,0 +1,85 @@
+"""Training with the other losses, their state across resume, and the logging sinks."""
+
+import json
+import math
+
+import pytest
+
+from preftune.config import DPOConfig
+from preftune.train import train
+
+from .conftest import HH_HELPFUL
+
+FAST = {"max_length": 64, "max_prompt_length": 32, "eval_examples": 4, "n_samples": 0,
+        "warmup_steps": 0, "eval_every": 0, "batch_size": 4, "micro_batch_size": 2,
+        "max_examples": 16, "max_steps": 3, "lr": 1e-3, "save_every": 1}
+
+
+def _run(tmp_path, model, name, **kw):
+    cfg = DPOConfig(**{**FAST, "model": str(model), "dataset": str(HH_HELPFUL),
+                       "output_dir": str(tmp_path / name), **kw})
+    return train(cfg, progress=False)
+
+
+def _train_records(run):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def test_simpo_loads_no_reference_and_uses_mean_logps(tmp_path, tiny_model_dir, capfd):
+    run = _run(tmp_path, tiny_model_dir, "simpo", loss="simpo", beta=2.0, simpo_gamma=0.5,
+               max_steps=1)
+    assert "reference log-probs" not in capfd.readouterr().err
+    first = _train_records(run)[0]
+    # Rewards are beta x the mean per-token log-probs (no reference); both are pair means.
+    assert first["rewards/chosen"] == pytest.approx(2.0 * first["logps/chosen"], rel=1e-6)
+    assert -12 < first["logps/chosen"] < 0  # a per-token mean, not a sum over ~30 tokens
+    # At initialisation the margin of the means is small, so the loss is near -log s(-gamma).
+    assert first["loss"] == pytest.approx(-math.log(1 / (1 + math.exp(0.5))), abs=0.5)
+
+
+def test_bco_pair_state_survives_resume_and_rpo_logs_nll(tmp_path, tiny_model_dir):
+    kw = {"loss": "bco_pair", "rpo_alpha": 0.5}
+    whole = _train_records(_run(tmp_path, tiny_model_dir, "whole", **kw))
+    _run(tmp_path, tiny_model_dir, "part", max_steps=2, **kw)
+    resumed = _train_records(_run(tmp_path, tiny_model_dir, "part", resume="true", **kw))
+    assert [r["loss"] for r in whole] == [r["loss"] for r in resumed]
+    assert all(r["nll"] > 0 for r in whole)
+    # step 1: delta = 0 and rewards 0, so each pair costs 2 ln 2 plus the weighted NLL
+    assert whole[0]["loss"] == pytest.approx(2 * math.log(2) + 0.5 * whole[0]["nll"], rel=1e-5)
+
+
+def test_report_to_tensorboard_writes_the_same_metric_names(tmp_path, tiny_model_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = _run(tmp_path, tiny_model_dir, "tb", report_to="tensorboard", max_steps=2)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    records = _train_records(run)
+    assert {"train/loss", "train/rewards/accuracies", "eval/loss"} <= tags
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
+
+
+def test_compiled_blocks_train_like_eager_ones(tmp_path, tiny_model_dir):
+    eager = _train_records(_run(tmp_path, tiny_model_dir, "eager", max_steps=1,
+                                micro_batch_size=4, eval_examples=0))
+    compiled = _train_records(_run(tmp_path, tiny_model_dir, "compiled", max_steps=1,
+                                   micro_batch_size=4, eval_examples=0, compile=True))
+    for key in ("loss", "grad_norm", "logps/chosen"):
+        assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-5), key
+
+
+def test_benchmark_script_runs_at_a_tiny_size():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dpo_vs_trl.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "random-tiny", "--methods",
+                          "preftune", "--steps", "1", "--pairs", "2", "--max-length", "64",
+                          "--max-prompt-length", "32"], capture_output=True, text=True,
+                         check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("preftune "))
+    assert len(row.split()) == 9 and float(row.split()[1]) > 0  # s/step, ..., GPU peak "-"
