@@ -167,7 +167,7 @@ def run_preftune(args: argparse.Namespace) -> dict:
     torch = setup_torch()
     from preftune.config import DPOConfig, parse_config
     from preftune.data import collate_pairs, pad_id_for, tokenize_pair
-    from preftune.models import load_model, load_tokenizer
+    from preftune.models import enable_activation_checkpointing, load_model, load_tokenizer
     from preftune.reference import attach, compute_reference_logps
     from preftune.step import DPOObjective
 
@@ -184,7 +184,7 @@ def run_preftune(args: argparse.Namespace) -> dict:
     policy = load_model(args.model, dtype=dtype_of(args)).to(args.device)
     policy.train()
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(policy)
 
     # One-off: the frozen reference's log-probs (as preftune.train.precompute_reference, no
     # cache): the reference is the policy's starting point, so the policy computes them itself.

@@ -213,7 +213,9 @@ class _ChunkedTargetLogp(torch.autograd.Function):
             del dlogits
             if need_h:
                 grad_h[start:end] = d @ weight
-            if need_w:
+            if need_w and d.dtype == h.dtype == acc:
+                grad_w.addmm_(d.t(), h)  # in place: no [V, H] temporary per chunk
+            elif need_w:
                 grad_w += d.t() @ h
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)

@@ -152,6 +152,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             _zero_config_dropout(config, seen)
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder block's activations in backward (non-reentrant checkpointing)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def save_pretrained(
     model: PreTrainedModel, tokenizer, out_dir: str | Path, state_dict: dict | None = None
 ) -> Path:

@@ -49,7 +49,14 @@ from .distributed import (
 from .evaluate import evaluate, generate
 from .lora import apply_lora, merged, reference_view
 from .losses import loss_spec
-from .models import cache_dir, disable_dropout, load_model, load_tokenizer, save_pretrained
+from .models import (
+    cache_dir,
+    disable_dropout,
+    enable_activation_checkpointing,
+    load_model,
+    load_tokenizer,
+    save_pretrained,
+)
 from .reference import attach, cached_reference_logps
 from .report import write_report
 from .step import DPOObjective, SFTObjective, finalize
@@ -299,7 +306,7 @@ def build_models(cfg: TrainConfig, device: torch.device, tokenizer):
     policy.to(device).train()
     disable_dropout(policy)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(policy)
     # Reference-free runs load no reference: their rewards are measured against 0.
     if not needs_reference(cfg):
         return policy, None
