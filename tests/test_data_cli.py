@@ -469,3 +469,13 @@ def test_help(capsys):
     code, _, err = run(capsys, "data")
     assert code == 2 and "inspect" in err
     assert_one_line_error(*run(capsys, "data", "frobnicate")[::2], "frobnicate")
+
+
+def test_data_command_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, preftune.data.cli, preftune.data; "
+            "assert 'torch' not in sys.modules; preftune.data.collate_pairs; "
+            "assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

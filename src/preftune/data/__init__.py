@@ -1,6 +1,10 @@
-"""Preference data: reading pairs (formats), tokenizing them (tokenize), batching (collate)."""
+"""Preference data: reading pairs (formats), tokenizing them (tokenize), batching (collate).
 
-from preftune.data.collate import collate_pairs, collate_sft, pad_id_for
+The collate functions (which need torch) load on first use, so `preftune data` answers fast.
+"""
+
+from typing import TYPE_CHECKING
+
 from preftune.data.formats import (
     FORMATS,
     DataError,
@@ -19,6 +23,20 @@ from preftune.data.tokenize import (
     tokenize_pair,
     tokenize_sft,
 )
+
+if TYPE_CHECKING:
+    from preftune.data.collate import collate_pairs, collate_sft, pad_id_for
+
+_LAZY = {"collate_pairs", "collate_sft", "pad_id_for"}
+
+
+def __getattr__(name: str):  # PEP 562
+    if name in _LAZY:
+        from preftune.data import collate
+
+        return getattr(collate, name)
+    raise AttributeError(f"module 'preftune.data' has no attribute {name!r}")
+
 
 __all__ = [
     "FORMATS",
