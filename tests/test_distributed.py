@@ -51,7 +51,7 @@ def _same_weights(a, b):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("single") / "run"
-    proc = _run(tiny_model_dir, out, 0, max_steps=6)
+    proc = _run(tiny_model_dir, out, 0, max_steps=6, gradient_checkpointing="false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -95,3 +95,26 @@ def test_gpu_check_script_runs_at_tiny_size_on_cpu():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "first loss ln 2: True" in proc.stdout
+
+
+def test_lora_two_processes_match_one(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = {"lora": "true", "lora_r": 4, "lr": 1e-2, "max_steps": 3, "eval_every": 0,
+            "save_every": 2}
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = _run(tiny_model_dir, one, 0, lora_export="adapter", **lora)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(tiny_model_dir, two, 2, lora_export="merged", **lora)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _close(_train_records(one), _train_records(two))
+    assert _train_records(two)[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    # rank 0's merged export computes what one process's adapter on the base computes
+    merged = AutoModelForCausalLM.from_pretrained(two / "final").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                        one / "final").eval()
+    ids = torch.tensor([[464, 3290, 318, 257, 1332, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-3,
+                                   atol=1e-4)

@@ -479,6 +479,7 @@ def pair_logps(
     token. Techniques the model cannot use fall back to the plain path with one
     :class:`FastpathFallbackWarning`.
     """
+    outer = model  # what the plain path calls: under FSDP only the root gathers parameters
     if hasattr(model, "get_base_model"):  # PEFT: the adapters live inside the model's layers
         model = model.get_base_model()
     reasons = []
@@ -502,7 +503,7 @@ def pair_logps(
         warnings.warn(f"preftune.fastpath: {'; '.join(reasons)}", FastpathFallbackWarning,
                       stacklevel=2)
     if not (chunked or share_prompt or pack):
-        return concatenated_logps(model, _plain_batch(examples, pad_token_id), average=average)
+        return concatenated_logps(outer, _plain_batch(examples, pad_token_id), average=average)
 
     embed = model.get_input_embeddings().weight
     layout = build_layout(examples, pad_token_id=pad_token_id, share_prompt=share_prompt,

@@ -285,6 +285,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. repeated non-finite steps); the message is one line."""
 
 
+def _dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+
+
 def needs_reference(cfg: TrainConfig) -> bool:
     """DPO losses compare with a reference unless reference-free (some losses always are)."""
     return (_stage(cfg) == "dpo" and not cfg.reference_free
@@ -297,7 +301,7 @@ def build_models(cfg: TrainConfig, device: torch.device, tokenizer):
     When the reference is the policy's own starting point and is needed only before the first
     update (precomputed log-probs) or through bypassed adapters (LoRA), the policy itself is
     returned as the reference: no second copy of the weights is loaded."""
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    dtype = _dtype(cfg)
     policy = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     vocab = policy.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
@@ -326,9 +330,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     """Run one stage end to end, in this process or as one rank under torchrun."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' requested but no CUDA device is available")
-    if cfg.lora and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        raise ConfigError("lora: not supported under torchrun with more than one process yet; "
-                          "run LoRA in one process")
     world = init_world(cfg.device)
     try:
         return _train(resolve(cfg), world, progress=progress and world.main)
@@ -507,9 +508,14 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     log.close()
     weights = full_state_dict(policy, world) if world.distributed else None
     if world.main:
+        export = policy
+        if cfg.lora and world.distributed:  # an unsharded copy holding the gathered weights
+            export = apply_lora(load_model(cfg.model, dtype=_dtype(cfg)), cfg)
+            export.load_state_dict(weights)
+            weights = None
         if cfg.lora and cfg.lora_export == "merged":
-            policy = merged(policy)  # after the last eval and samples: folds adapters in place
-        final = save_pretrained(policy, tokenizer, out / "final", state_dict=weights)
+            export = merged(export)  # after the last eval and samples: folds adapters in place
+        final = save_pretrained(export, tokenizer, out / "final", state_dict=weights)
         report = write_report(out)
         print_summary(final, log.evals, data)
         print(f"report: {report}")
