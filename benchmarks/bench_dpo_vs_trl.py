@@ -44,6 +44,8 @@ import time
 import warnings
 from pathlib import Path
 
+from random_models import SHAPES, build_random
+
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "assets" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 MODEL = "smollm2-135m-instruct"
@@ -93,29 +95,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 7, device: str = "cpu",
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(times) / 1e9
-
-
-RANDOM = {  # randomly initialised Qwen2 models with the Qwen2.5 tokenizer (hidden, layers, heads,
-    # kv heads, intermediate): the 0.5B shape for the GPU table, a tiny one to test the script
-    "random-qwen2.5-0.5b": (896, 24, 14, 2, 4864),
-    "random-tiny": (64, 2, 4, 2, 128),
-}
-
-
-def build_random(name: str, folder: Path) -> str:
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(ROOT.parent / "shared" / "assets" / "tokenizers"
-                                              / "qwen2.5")
-    hidden, layers, heads, kv, inter = RANDOM[name]
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv,
-                         intermediate_size=inter, tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def dtype_of(args: argparse.Namespace):
@@ -349,7 +328,7 @@ def fmt(x: float | None, spec: str) -> str:
 def parent(args: argparse.Namespace) -> None:
     setup_torch()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model in RANDOM:
+        if args.model in SHAPES:
             args.model = build_random(args.model, Path(tmp) / args.model)
         _parent(args)
 
@@ -438,7 +417,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=MODEL, help=f"a model folder, alias, or one of "
-                    f"{', '.join(RANDOM)} (random weights, Qwen2.5 tokenizer; default {MODEL})")
+                    f"{', '.join(SHAPES)} (random weights, Qwen2.5 tokenizer; default {MODEL})")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights and compute of both (bfloat16: pure bf16, as dtype=bfloat16)")

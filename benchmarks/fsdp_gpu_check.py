@@ -20,23 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
-
-
-def build_model(folder: Path, device: str) -> None:
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "qwen2.5")
-    size = {"cuda": (896, 24, 14, 2, 4864), "cpu": (64, 2, 4, 2, 128)}[device]
-    hidden, layers, heads, kv, inter = size
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv,
-                         intermediate_size=inter, tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+from random_models import ASSETS, build_random
 
 
 def run(cmd: list[str]) -> None:
@@ -61,7 +45,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fsdp-check-"))
     model = args.model or str(work / "model")
     if not args.model:
-        build_model(Path(model), args.device)
+        build_random("random-qwen2.5-0.5b" if args.device == "cuda" else "random-tiny",
+                     Path(model))
     length = 1024 if args.device == "cuda" else 64
     common = [f"model={model}", f"dataset={ASSETS / 'data/hh-rlhf/helpful-base/test.jsonl.gz'}",
               f"device={args.device}", f"max_steps={args.steps}", "batch_size=8",

@@ -78,7 +78,8 @@ def test_inspect_hh_gpt2_golden_statistics(capsys):
         assert info["first"] and all(re.fullmatch(rf"{re.escape(str(HH_HELPFUL))}:\d+", x)
                                      for x in info["first"])
     assert stats["duplicates"]["pairs"] == 0
-    assert stats["duplicates"]["unique_prompts"] + stats["duplicates"]["prompts"] == HH_KEPT
+    # every kept HH test pair has its own prompt
+    assert (stats["duplicates"]["unique_prompts"], stats["duplicates"]["prompts"]) == (HH_KEPT, 0)
 
     t = stats["truncation"]
     assert (t["max_length"], t["max_prompt_length"], t["truncation"]) == (512, 256, "auto")
@@ -89,7 +90,8 @@ def test_inspect_hh_gpt2_golden_statistics(capsys):
 
     lengths = stats["lengths"]
     assert lengths["unit"] == "tokens"
-    for key in ("prompt", "chosen", "rejected", "total"):
+    assert lengths["prompt"] == {"p50": 102, "p90": 307, "p99": 596, "max": 945}  # GPT-2 tokens
+    for key in ("chosen", "rejected", "total"):
         row = lengths[key]
         assert 0 < row["p50"] <= row["p90"] <= row["p99"] <= row["max"]
     # More than 91 prompts are over 256 tokens, but only those of too-long pairs are cut.
@@ -99,7 +101,8 @@ def test_inspect_hh_gpt2_golden_statistics(capsys):
 def test_inspect_defaults_come_from_the_training_config():
     fields = TrainConfig.__dataclass_fields__
     defaults = tuple(fields[k].default for k in ("max_length", "max_prompt_length", "truncation"))
-    assert defaults == (data_cli.MAX_LENGTH, data_cli.MAX_PROMPT_LENGTH, data_cli.TRUNCATION)
+    parsed = data_cli.build_parser().parse_args(["inspect", "pairs.jsonl"])
+    assert (parsed.max_length, parsed.max_prompt_length, parsed.truncation) == defaults
 
 
 def test_inspect_hh_gpt2_text_output(capsys):

@@ -348,8 +348,34 @@ def test_chunked_function_matches_log_softmax_with_bias():
     )
 
 
-def test_bf16_autocast_backward_recomputes_under_autocast(small_examples):
-    """Backward recomputes the chunk logits under forward's autocast state: same bf16 noise."""
+def test_bf16_autocast_backward_recomputes_under_autocast():
+    """Backward recomputes the chunk logits under forward's autocast state, so the gradient
+    reaching the decoder body carries exactly the bf16 rounding of the plain path's."""
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 32, requires_grad=True)
+    weight = torch.randn(4096, 32, requires_grad=True)
+    targets = torch.randint(0, 4096, (300,))
+
+    def grads(fn):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn().sum()
+        out.backward()  # outside the autocast block, as a training loop does
+        return hidden.grad.clone(), weight.grad.clone()
+
+    def plain():
+        logits = torch.nn.functional.linear(hidden, weight).float()
+        return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+    want_h, want_w = grads(plain)
+    got_h, got_w = grads(lambda: chunked_target_logps(hidden, weight, None, targets, 64))
+    assert (got_h - want_h).norm() <= 1e-4 * want_h.norm()  # bf16 noise would be ~2e-3
+    # the weight gradient sums float32 chunk products instead of one bf16 matmul
+    assert (got_w - want_w).norm() <= 1e-2 * want_w.norm()
+
+
+def test_bf16_autocast_fast_path_is_close_to_the_plain_path(small_examples):
+    """The whole fast path under bf16 autocast: the same values up to bf16 rounding."""
     model = tiny_llama(vocab_size=SMALL_VOCAB)
     batch = collate_pairs(small_examples, 0)
 

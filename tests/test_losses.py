@@ -307,7 +307,8 @@ def test_rpo_nll_for_sums_and_means():
         ({"kind": "simpo", "simpo_gamma": -0.1}, "simpo_gamma must be finite and >= 0"),
         ({"kind": "ipo", "bco_delta": 0.3}, "bco_delta applies to kind='bco_pair' only"),
         ({"kind": "bco_pair", "bco_delta": math.nan}, "bco_delta must be finite"),
-        ({"kind": "SimPO"}, "unknown loss kind 'SimPO'; known: dpo, ipo, robust, hinge, simpo"),
+        ({"kind": "SimPO"},
+         "unknown loss kind 'SimPO'; known: dpo, ipo, robust, hinge, simpo, bco_pair"),
     ],
 )
 def test_invalid_arguments_for_new_kinds(kwargs, message):

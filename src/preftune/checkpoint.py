@@ -146,7 +146,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     marker = root / LATEST
     if marker.is_file():
         named = root / marker.read_text().strip()
-        if named in _complete(root):
+        if _is_complete(named):
             return named
     found = _complete(root) if root.is_dir() else []
     return max(found, key=_step_of) if found else None

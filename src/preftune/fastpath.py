@@ -105,10 +105,10 @@ def _family_reason(model: nn.Module) -> str | None:
     return None
 
 
+# The checks below assume _family_reason(model) passed; both callers check it first.
+
+
 def _chunk_reason(model: nn.Module) -> str | None:
-    reason = _family_reason(model)
-    if reason:
-        return reason
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
         return f"output layer is {type(head).__name__}, not a plain nn.Linear"
@@ -120,9 +120,6 @@ def _chunk_reason(model: nn.Module) -> str | None:
 
 
 def _layout_reason(model: nn.Module) -> str | None:
-    reason = _family_reason(model)
-    if reason:
-        return reason
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in _MASK_IMPLEMENTATIONS:
         return f"attention implementation {impl!r} does not take a custom 4D mask"

@@ -17,13 +17,11 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-LossKind = Literal["dpo", "ipo", "robust", "hinge", "simpo", "bco_pair"]
 
 # The options preference_loss passes on to the losses that declare them, with their defaults.
 OPTION_DEFAULTS: Mapping[str, float] = MappingProxyType(

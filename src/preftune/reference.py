@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .distributed import World
+from .distributed import World, share
 from .logprobs import PairLogps, concatenated_logps
 
 Example = dict[str, list[int]]
@@ -56,7 +56,7 @@ def compute_reference_logps(
     Under N processes each rank runs its strided share with its own unsharded copy of the
     reference (no collectives inside the forward), then the shares are summed into place."""
     world = world or World()
-    mine = list(range(len(examples)))[world.rank :: world.size]
+    mine = share(list(range(len(examples))), world)
     out = torch.zeros(2, len(examples), dtype=torch.float64)
     done = 0
     bar = tqdm(total=len(mine), desc="reference log-probs", unit="pair", leave=False,

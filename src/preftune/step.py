@@ -125,14 +125,13 @@ class DPOObjective:
         spec = self.spec
         pol = self.sequence_logps(policy, batch)
         ref_c = ref_r = None
-        if not self.needs_reference:
-            pass  # the reference (model or precomputed numbers) is not used
-        elif "reference_chosen_logps" in batch:  # precomputed once (preftune.reference)
-            ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-        elif reference is not None:
-            with torch.no_grad():
-                ref = self.sequence_logps(reference, batch)
-            ref_c, ref_r = ref.chosen, ref.rejected
+        if self.needs_reference:  # else the reference (model or numbers) is not used
+            if "reference_chosen_logps" in batch:  # precomputed once (preftune.reference)
+                ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+            elif reference is not None:
+                with torch.no_grad():
+                    ref = self.sequence_logps(reference, batch)
+                ref_c, ref_r = ref.chosen, ref.rejected
         options = {"simpo_gamma": self.simpo_gamma, "bco_delta": self.reward_mean}
         losses, r_c, r_r = preference_loss(
             pol.chosen, pol.rejected, ref_c, ref_r, beta=self.beta, kind=self.kind,
@@ -142,21 +141,24 @@ class DPOObjective:
         if self.rpo_alpha:
             nll = rpo_nll(pol.chosen, None if self.average else pol.chosen_tokens)
             losses = losses + self.rpo_alpha * nll
-        stats = Counter({
-            "pairs": len(losses),
-            "loss": losses.detach().sum().item(),
-            "rewards/chosen": r_c.sum().item(),
-            "rewards/rejected": r_r.sum().item(),
-            "rewards/accuracies": (r_c > r_r).sum().item(),
-            "rewards/margins": (r_c - r_r).sum().item(),
-            "logps/chosen": pol.chosen.detach().sum().item(),
-            "logps/rejected": pol.rejected.detach().sum().item(),
-            "tokens": int(batch["chosen_attention_mask"].sum())
-            + int(batch["rejected_attention_mask"].sum()),
-        })
+        total = losses.sum()
+        sums = {
+            "loss": total.detach(),
+            "rewards/chosen": r_c.sum(),
+            "rewards/rejected": r_r.sum(),
+            "rewards/accuracies": (r_c > r_r).sum(),
+            "rewards/margins": (r_c - r_r).sum(),
+            "logps/chosen": pol.chosen.detach().sum(),
+            "logps/rejected": pol.rejected.detach().sum(),
+            "tokens": batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum(),
+        }
         if self.rpo_alpha:
-            stats["nll"] = nll.detach().sum().item()
-        return losses.sum() / denominator, stats
+            sums["nll"] = nll.detach().sum()
+        # One device-to-host copy for all of them (float64 holds float32 sums and counts exactly).
+        values = torch.stack([v.double() for v in sums.values()]).tolist()
+        stats = Counter({"pairs": len(losses), **dict(zip(sums, values, strict=True))})
+        stats["tokens"] = int(stats["tokens"])
+        return total / denominator, stats
 
     @staticmethod
     def denominator(examples: list[dict[str, list[int]]]) -> float:
@@ -189,6 +191,8 @@ class SFTObjective:
             "tokens": int(batch["attention_mask"].sum()),
         })
         return nll.sum() / denominator, stats
+
+    needs_reference = False
 
     def state_dict(self) -> dict[str, float]:
         return {}

@@ -7,6 +7,7 @@ logs, evaluates and samples; what a loss *is* lives in ``step`` and ``losses``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -33,7 +34,6 @@ from .checkpoint import (
 )
 from .config import ConfigError, DPOConfig, TrainConfig, config_to_dict, dump_config
 from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
-from .data.tokenize import default_truncation
 from .distributed import (
     World,
     barrier,
@@ -48,7 +48,6 @@ from .distributed import (
 )
 from .evaluate import evaluate, generate
 from .lora import apply_lora, merged, reference_view
-from .losses import loss_spec
 from .models import (
     cache_dir,
     disable_dropout,
@@ -92,7 +91,7 @@ def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data,
         if not examples:
             continue
         logps, hit = cached_reference_logps(reference, examples, batches,
-                                            average=cfg.logps == "mean", cache_dir=cache,
+                                            average=objective.average, cache_dir=cache,
                                             logps=objective.sequence_logps, world=world)
         setattr(data, name, attach(examples, logps))
         if world.main:
@@ -233,13 +232,11 @@ def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1
                           "processes, with micro_batch_size <= batch_size / processes")
     eval_pairs = eval_pairs[: len(eval_pairs) - len(eval_pairs) % world_size]
 
-    def truncation(pair) -> str:
-        return default_truncation(pair.format) if cfg.truncation == "auto" else cfg.truncation
-
     limits = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
     tokenize = tokenize_pair if _stage(cfg) == "dpo" else tokenize_sft
+
     def encode(pair, fn=tokenize) -> Example:
-        return fn(pair, tokenizer, truncation=truncation(pair), **limits)
+        return fn(pair, tokenizer, truncation=cfg.truncation, **limits)
 
     eval_examples = [encode(p) for p in eval_pairs]
     # Sampling needs the prompt ids, which only the pair layout carries (SFT examples lack it).
@@ -289,14 +286,8 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
 
 
-def needs_reference(cfg: TrainConfig) -> bool:
-    """DPO losses compare with a reference unless reference-free (some losses always are)."""
-    return (_stage(cfg) == "dpo" and not cfg.reference_free
-            and loss_spec(cfg.loss).needs_reference)
-
-
-def build_models(cfg: TrainConfig, device: torch.device, tokenizer):
-    """The trainable policy and, for DPO, the frozen reference (None when reference-free).
+def build_models(cfg: TrainConfig, device: torch.device, tokenizer, needs_reference: bool):
+    """The trainable policy and, when the objective needs one, the frozen reference.
 
     When the reference is the policy's own starting point and is needed only before the first
     update (precomputed log-probs) or through bypassed adapters (LoRA), the policy itself is
@@ -312,7 +303,7 @@ def build_models(cfg: TrainConfig, device: torch.device, tokenizer):
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     # Reference-free runs load no reference: their rewards are measured against 0.
-    if not needs_reference(cfg):
+    if not needs_reference:
         return policy, None
     if cfg.reference == cfg.model and (cfg.precompute_reference or cfg.lora):
         return policy, policy
@@ -351,7 +342,6 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     pad_id = pad_id_for(tokenizer)
     data = load_data(cfg, tokenizer, out if world.main else None, world.size)
-    policy, reference = build_models(cfg, device, tokenizer)
     if stage == "dpo":
         fast = None
         if cfg.chunked_logps or cfg.share_prompt or cfg.pack:
@@ -364,6 +354,7 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         collate = collate_pairs
     else:
         objective, collate = SFTObjective(), collate_sft
+    policy, reference = build_models(cfg, device, tokenizer, objective.needs_reference)
     if reference is not None and cfg.precompute_reference:
         precompute_reference(cfg, reference, data, tokenizer, pad_id, world, objective)
         del reference  # frozen numbers now travel with the pairs: free the model
@@ -429,12 +420,12 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
               "synced": world.distributed}
         log.note(f"sampling {len(data.sample_prompts)} held-out prompts (greedy) ...")
         completions = {"policy": generate(policy, tokenizer, ids, mask, **kw)}
-        if reference is not None:
-            completions["reference"] = generate(reference, tokenizer, ids, mask, **kw)
-        elif live_view:
-            with reference_view(policy):
-                completions["reference"] = generate(policy, tokenizer, ids, mask, **kw)
-        elif data.reference_samples:
+        if data.reference_samples is None and (reference is not None or live_view):
+            # The reference never changes: sample it at the first round only.
+            with reference_view(policy) if live_view else contextlib.nullcontext():
+                data.reference_samples = generate(reference if reference is not None else policy,
+                                                  tokenizer, ids, mask, **kw)
+        if data.reference_samples:
             completions["reference"] = data.reference_samples
         prompts = tokenizer.batch_decode(
             [ex["prompt_input_ids"] for ex in data.sample_prompts], skip_special_tokens=False)

@@ -37,8 +37,9 @@ from preftune.data.tokenize import (
     _distinct_bos,
     _tokenize_parts,
     _truncate,
-    default_truncation,
+    bos_head,
     render_chat,
+    resolve_truncation,
 )
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ Truncation as in training: when prompt + longer response exceeds --max-length, t
 is cut to --max-prompt-length tokens (keep_end drops its start, keep_start its end), then
 responses to max-length - max-prompt-length tokens if still too long. The defaults are
 those of the training config: --max-length {MAX_LENGTH}, --max-prompt-length {MAX_PROMPT_LENGTH},
---truncation {TRUNCATION} (keep_end for hh, keep_start otherwise).
+--truncation {TRUNCATION} (keep_end for hh and chat messages, keep_start otherwise).
 
 Pairs are drawn at random (--seed) and shown in file order. "duplicate pairs" counts pairs
 equal to an earlier one in prompt, chosen and rejected; "repeated prompts" counts pairs
@@ -200,9 +201,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     parser = build_parser()
-    if not args:
-        parser.print_help(sys.stderr)
-        return 2
     try:
         options = parser.parse_args(args)
         if options.command is None:
@@ -261,6 +259,7 @@ class _Cut:
     kept_prompt: list[int]
     kept_responses: list[list[int]]
     head: int  # prompt tokens kept in front of the cut (keep_end: a leading BOS; keep_start: all)
+    mode: str  # the truncation mode it was cut with
 
     @property
     def prompt_cut(self) -> int:
@@ -283,12 +282,8 @@ def _cut_pair(
         prompt, responses, max_length=max_length, max_prompt_length=max_prompt_length,
         truncation=mode, bos=bos,  # type: ignore[arg-type]
     )
-    if mode == "keep_start":
-        head = len(kept_prompt)
-    else:  # as _truncate: a leading BOS stays in front
-        head = 1 if bos is not None and prompt[:1] == [bos] and kept_prompt[:1] == [bos] else 0
-        head = min(head, len(kept_prompt))
-    return _Cut(prompt, responses, kept_prompt, kept_responses, head)
+    head = len(kept_prompt) if mode == "keep_start" else bos_head(prompt, bos)
+    return _Cut(prompt, responses, kept_prompt, kept_responses, head, mode)
 
 
 def _chars(value: str | list[dict[str, str]]) -> int:
@@ -346,8 +341,8 @@ class _Stats:
             self.lengths[key].append(n)
 
 
-def run_inspect(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    out = out if out is not None else sys.stdout
+def run_inspect(args: argparse.Namespace) -> int:
+    out = sys.stdout
     if args.max_prompt_length >= args.max_length:
         raise CommandError(f"--max-prompt-length ({args.max_prompt_length}) must be less than "
                            f"--max-length ({args.max_length})")
@@ -366,7 +361,7 @@ def run_inspect(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if tokenizer is None:
             stats.add_lengths(_chars(pair.prompt), _chars(pair.chosen), _chars(pair.rejected))
             continue
-        mode = args.truncation if args.truncation != "auto" else default_truncation(pair.format)
+        mode = resolve_truncation(args.truncation, pair.format)
         stats.modes[mode] = stats.modes.get(mode, 0) + 1
         cut = _cut_pair(pair, tokenizer, args.max_length, args.max_prompt_length, mode)
         stats.add_lengths(len(cut.prompt), *(len(r) for r in cut.responses))
@@ -489,7 +484,7 @@ def _print_pair(
         print(file=out)
         return
 
-    mode = args.truncation if args.truncation != "auto" else default_truncation(pair.format)
+    mode = cut.mode
     n = cut.prompt_cut
     info = f"{len(cut.prompt)} tokens"
     if n:

@@ -44,6 +44,20 @@ def default_truncation(format: str) -> Truncation:
     return "keep_end" if format in ("hh", "conversational") else "keep_start"
 
 
+def resolve_truncation(setting: str | None, format: str) -> Truncation:
+    """The mode a pair is cut with: ``setting``, or for ``None``/``"auto"`` its format's default."""
+    mode = default_truncation(format) if setting in (None, "auto") else setting
+    if mode not in ("keep_end", "keep_start"):
+        raise ValueError(f"unknown truncation {mode!r}; use 'keep_end' or 'keep_start'")
+    return mode  # type: ignore[return-value]
+
+
+def bos_head(prompt: list[int], bos: int | None) -> int:
+    """How many leading prompt tokens ``keep_end`` keeps in front (a leading BOS: the model
+    has only ever seen it there), before the kept end."""
+    return 1 if bos is not None and prompt[:1] == [bos] else 0
+
+
 def _apply_template(
     tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation: bool, source: str
 ) -> str:
@@ -172,9 +186,7 @@ def _truncate(
         if truncation == "keep_start":
             prompt = prompt[:max_prompt_length]
         else:
-            # A leading BOS stays first: the model has only ever seen it there.
-            head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
-            head = head[:max_prompt_length]
+            head = prompt[: min(bos_head(prompt, bos), max_prompt_length)]
             tail = max_prompt_length - len(head)
             prompt = head + (prompt[len(prompt) - tail :] if tail else [])
     if len(prompt) + longest > max_length:
@@ -189,12 +201,10 @@ def _prepare(
     names: tuple[str, ...],
     max_length: int,
     max_prompt_length: int,
-    truncation: Truncation | None,
+    truncation: str | None,
 ) -> tuple[list[int], list[list[int]]]:
     _check_lengths(max_length, max_prompt_length)
-    mode = truncation if truncation is not None else default_truncation(pair.format)
-    if mode not in ("keep_end", "keep_start"):
-        raise ValueError(f"unknown truncation {mode!r}; use 'keep_end' or 'keep_start'")
+    mode = resolve_truncation(truncation, pair.format)
     prompt, responses = _tokenize_parts(pair, tokenizer, names)
     return _truncate(
         prompt,
@@ -212,13 +222,13 @@ def tokenize_pair(
     *,
     max_length: int = 512,
     max_prompt_length: int = 256,
-    truncation: Truncation | None = None,
+    truncation: str | None = None,
 ) -> dict[str, list[int]]:
     """Token ids of a pair: ``prompt_input_ids``, ``{chosen,rejected}_{input_ids,labels}``.
 
     ``*_input_ids`` are prompt + response (+EOS); ``*_labels`` are the same with the prompt
     positions set to -100. Chosen and rejected share the same prompt ids. ``truncation=None``
-    means :func:`default_truncation` of the pair's format.
+    or ``"auto"`` means :func:`default_truncation` of the pair's format.
     """
     prompt, (chosen, rejected) = _prepare(
         pair, tokenizer, ("chosen", "rejected"), max_length, max_prompt_length, truncation
@@ -239,7 +249,7 @@ def tokenize_sft(
     *,
     max_length: int = 512,
     max_prompt_length: int = 256,
-    truncation: Truncation | None = None,
+    truncation: str | None = None,
 ) -> dict[str, list[int]]:
     """``input_ids``/``labels`` of prompt + chosen response, with the rules of tokenize_pair."""
     prompt, (chosen,) = _prepare(
