@@ -119,6 +119,29 @@ def test_crash_during_checkpoint_write_keeps_previous_and_resumes_exactly(
     assert not (run / "checkpoints" / ".step-3.tmp").exists()
 
 
+def test_crash_between_latest_and_prune_is_pruned_on_resume(tmp_path, tiny_model_dir,
+                                                             monkeypatch):
+    cfg = {**BASE, "model": str(tiny_model_dir), "dataset": str(HH_HELPFUL), "max_steps": 4}
+    real_prune = checkpoint.prune_checkpoints
+
+    def crash_after_step_3(run_dir, keep):
+        if (run_dir / "checkpoints" / "step-3").is_dir():
+            raise KeyboardInterrupt  # latest already names step-3; step-1 is still there
+        real_prune(run_dir, keep)
+
+    monkeypatch.setattr(checkpoint, "prune_checkpoints", crash_after_step_3)
+    run = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        train(DPOConfig(**cfg, output_dir=str(run)), progress=False)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step-1", "step-2", "step-3"]
+    monkeypatch.setattr(checkpoint, "prune_checkpoints", real_prune)
+    # The resumed run only does step 4, which is exported and never checkpointed.
+    train(DPOConfig(**cfg, output_dir=str(run), resume="true"), progress=False)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step-2", "step-3"]
+
+
 def test_new_run_refuses_existing_folder_and_resume_checks_config(tmp_path, tiny_model_dir,
                                                                    capsys):
     run = tmp_path / "r"

@@ -97,13 +97,25 @@ def save_checkpoint(
         _fsync(marker)
         os.replace(marker, root / LATEST)
         _fsync(root)
-        # Older folders go, complete or not: a crash mid-prune can leave a half-removed one.
-        oldest_kept = _step_of(sorted(_complete(root), key=_step_of)[-keep:][0])
-        for old in root.glob("step-*"):
-            if old.name.removeprefix("step-").isdigit() and _step_of(old) < oldest_kept:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep)
     barrier(world)
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Remove every step folder older than the newest ``keep`` complete ones, complete or not.
+
+    Called after each save and again on resume: a crash between ``latest`` moving and the
+    prune (or mid-prune) leaves older folders behind, and a resumed run may save no more.
+    """
+    root = run_dir / "checkpoints"
+    complete = sorted(_complete(root), key=_step_of) if root.is_dir() else []
+    if not complete:
+        return
+    oldest_kept = _step_of(complete[-keep:][0])
+    for old in root.glob("step-*"):
+        if old.name.removeprefix("step-").isdigit() and _step_of(old) < oldest_kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ import yaml
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -388,6 +389,8 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     if world.main:
         if cfg.resume is not None:
             truncate_logs(out, counters["step"])
+        if resume_from is not None:  # finish a prune the crash interrupted
+            prune_checkpoints(out, cfg.keep_checkpoints)
         dump_config(cfg, out / "config.yaml")
     log = RunLog(out, total_steps, stage, counters["step"], progress, enabled=world.main,
                  report_to=cfg.report_sinks(), config=config_to_dict(cfg))
