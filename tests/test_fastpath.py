@@ -165,6 +165,64 @@ def test_full_vocabulary_tied_gpt2(examples):
     _assert_same(got, want, got_grads, want_grads)
 
 
+class _NewBuffers(TorchDispatchMode):
+    """Counts the tensors of ``numel`` elements that ops allocate (not views, not in-place)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr()
+                  for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (isinstance(t, torch.Tensor) and t.numel() == self.numel
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.count += 1
+        return out
+
+
+def test_tied_embedding_backward_makes_one_vocabulary_sized_buffer(examples):
+    """The lookup adds its rows into the head's gradient in place; autograd's embedding
+    backward would build a second dense [V, H] gradient to add to it."""
+    model = tiny_gpt2()
+    weight = model.lm_head.weight
+    assert weight is model.transformer.wte.weight
+
+    def allocations(fn):
+        model.zero_grad(set_to_none=True)
+        out = fn()
+        with _NewBuffers(weight.numel()) as mode:
+            (out.chosen.sum() - out.rejected.sum()).backward()
+        return mode.count
+
+    batch = collate_pairs(examples, 50256)
+    assert allocations(lambda: concatenated_logps(model, batch)) >= 2  # head and lookup
+    assert allocations(lambda: pair_logps(model, examples, pad_token_id=50256)) == 1
+
+
+def test_embedding_gradient_accumulates_and_skips_the_padding_row(small_examples):
+    """Two micro-batches into one gradient, as training accumulates; ``padding_idx`` rows get
+    no gradient, as ``nn.Embedding`` does, while pad tokens fill the packed rows."""
+    model = tiny_llama(vocab_size=SMALL_VOCAB, pad_token_id=0)
+    embedding = model.get_input_embeddings().weight
+    assert model.get_input_embeddings().padding_idx == 0
+
+    def two_micro_batches(fn):
+        model.zero_grad(set_to_none=True)
+        for part in (small_examples[:4], small_examples[4:]):
+            out = fn(part)
+            (out.chosen.sum() - 0.5 * out.rejected.sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want = two_micro_batches(lambda ex: concatenated_logps(model, collate_pairs(ex, 0)))
+    got = two_micro_batches(lambda ex: pair_logps(model, ex, pad_token_id=0, token_budget=200))
+    _assert_same([], [], got, want)
+    assert not got["model.embed_tokens.weight"][0].any()
+    assert embedding.grad[1:].abs().sum() > 0
+
+
 def test_float64_is_exact_beyond_float32_noise(small_examples):
     """In float64 the float32 rounding noise is gone: what is left is the method's error."""
     model = tiny_gpt2(vocab_size=SMALL_VOCAB, bos_token_id=1, eos_token_id=2).double()

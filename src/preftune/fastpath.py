@@ -23,6 +23,10 @@ Three techniques, each usable on its own (flags of :func:`pair_logps`):
   and there are fewer rows. Attention still costs ``rows * L^2`` (a dense masked kernel); the
   per-token work (projections, MLP, head) is done on (almost) real tokens only.
 
+On the fast paths a plain trainable ``nn.Embedding`` is looked up by an autograd Function
+whose backward adds the used rows into ``weight.grad`` in place (:class:`_LookupIntoGrad`): no
+dense [V, H] lookup gradient is built next to the (tied head's or previous micro-batch's) one.
+
 The layout techniques need a model whose attention takes a custom 4D mask and position ids as
 given: transformers' Llama, Mistral, Qwen2, Qwen3 and GPT-2 with the ``sdpa`` or ``eager``
 attention (``create_causal_mask`` returns a 4D mask as-is; ``sdpa`` gets a boolean mask, True =
@@ -219,6 +223,53 @@ class _ChunkedTargetLogp(torch.autograd.Function):
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None
+
+
+class _LookupIntoGrad(torch.autograd.Function):
+    """``F.embedding(ids, weight)`` whose backward adds the looked-up rows into ``weight.grad``.
+
+    Through autograd the lookup's weight gradient is a dense [V, H] tensor that is then added to
+    the gradient already there (the tied output head's, or an earlier micro-batch's): one more
+    vocabulary-sized buffer alive at the end of every backward, when all gradients are. Here only
+    the used rows are added, in place (as Megatron-LM accumulates weight gradients in backward).
+    Same sum up to float addition order; the padding row gets no gradient, as in ``nn.Embedding``.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, holder, ids, padding_idx):  # noqa: ANN001
+        # The weight comes inside a list, so autograd draws no edge to it: an edge would hold
+        # the weight's gradient accumulation back until this (last) backward had run.
+        # ``anchor`` (empty, requires grad) makes the output differentiable.
+        (weight,) = holder
+        ctx.save_for_backward(ids)
+        ctx.weight, ctx.padding_idx = weight, padding_idx
+        return F.embedding(ids, weight.detach(), padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        (ids,) = ctx.saved_tensors
+        weight = ctx.weight
+        ids = ids.reshape(-1)
+        rows = grad_out.reshape(ids.shape[0], -1).to(weight.dtype)
+        if ctx.padding_idx is not None:
+            keep = ids != ctx.padding_idx
+            ids, rows = ids[keep], rows[keep]
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, ids, rows)
+        return None, None, None, None
+
+
+def _embed(model: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
+    """The model inputs for ``input_ids``: embedded by :class:`_LookupIntoGrad` when the input
+    embedding is a plain trainable ``nn.Embedding`` and a backward will follow, else the ids."""
+    emb = model.get_input_embeddings()
+    w = emb.weight
+    if (type(emb) is nn.Embedding and emb.max_norm is None and not emb.scale_grad_by_freq
+            and not emb.sparse and w.is_leaf and w.requires_grad and torch.is_grad_enabled()):
+        anchor = torch.empty(0, device=w.device, requires_grad=True)
+        return {"inputs_embeds": _LookupIntoGrad.apply(anchor, [w], input_ids, emb.padding_idx)}
+    return {"input_ids": input_ids}
 
 
 def chunked_target_logps(
@@ -506,7 +557,7 @@ def pair_logps(
     layout = build_layout(examples, pad_token_id=pad_token_id, share_prompt=share_prompt,
                           pack=pack, token_budget=token_budget, device=embed.device)
     inputs = {
-        "input_ids": layout.input_ids,
+        **_embed(model, layout.input_ids),
         "attention_mask": layout.attention_mask(model.config._attn_implementation, embed.dtype),
         "use_cache": False,
     }
