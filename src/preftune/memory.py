@@ -29,7 +29,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def release_free_memory() -> bool:
-    """Return the heap's free pages to the OS (glibc ``malloc_trim(0)``); False where unavailable."""
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``); False if none."""
     trim = _malloc_trim()
     if trim is None:
         return False
