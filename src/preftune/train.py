@@ -165,7 +165,7 @@ def preflight(cfg: TrainConfig, out: Path) -> None:
 # Keys that may change when resuming: they do not alter the steps already taken.
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "eval_every", "sample_every", "save_every",
                      "keep_checkpoints", "log_every", "n_samples", "max_new_tokens", "device",
-                     "max_nonfinite_steps", "report_to"}
+                     "max_nonfinite_steps", "report_to", "release_memory"}
 
 
 def find_resume_point(cfg: TrainConfig, out: Path) -> Path | None:
