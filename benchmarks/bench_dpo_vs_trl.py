@@ -345,32 +345,30 @@ def _parent(args: argparse.Namespace) -> None:
     print(f"{args.dtype} matmul {args.matmul_n}x{args.matmul_n} on {args.device}: "
           f"{gflops:.1f} GFLOP/s (median of 7, {where}); "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    results = {}
-    for method in args.methods:
-        cmd = [sys.executable, __file__, "--only", method, "--steps", str(args.steps),
-               "--pairs", str(args.pairs), "--max-length", str(args.max_length),
-               "--max-prompt-length", str(args.max_prompt_length), "--model", args.model,
-               "--device", args.device, "--dtype", args.dtype, "--warmup", str(args.warmup),
-               "--matmul-n", str(args.matmul_n), *[f"--set={kv}" for kv in args.set]]
-        print(f"running {method} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"  {method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            continue
-        results[method] = r = json.loads(lines[-1][len("RESULT ") :])
+    results: dict[str, dict] = {}
+    # Rounds run the methods in turn (A B C A B C ...), so a drift in the machine's speed
+    # reaches every method alike; each method's steps of all rounds are pooled.
+    for rnd in range(args.rounds):
+        for method in args.methods:
+            print(f"running {method}" + (f" (round {rnd + 1})" if args.rounds > 1 else "")
+                  + " ...", flush=True)
+            r = _run_child(args, method)
+            if r is None:
+                continue
+            print(f"  done in {r['wall_s']:.0f} s; steps {[round(x, 2) for x in r['times']]}; "
+                  f"load {r['load'][0]:.1f}->{r['load'][1]:.1f}; setup "
+                  + ", ".join(f"{k} {v:.1f}s" for k, v in r["setup"].items()), flush=True)
+            for w in r["warnings"]:
+                print(f"    warning: {w}")
+            results[method] = _pool(results.get(method), r)
+    for r in results.values():
         r["median_s"] = statistics.median(r["times"])
-        print(f"  done in {r['wall_s']:.0f} s; steps {[round(x, 2) for x in r['times']]}; "
-              f"load {r['load'][0]:.1f}->{r['load'][1]:.1f}; setup "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in r["setup"].items()), flush=True)
-        for w in r["warnings"]:
-            print(f"    warning: {w}")
 
     print(f"\n{Path(args.model).name}, {args.pairs} pairs/step, max_length {args.max_length}, "
           f"max_prompt_length {args.max_prompt_length} (preftune only), {args.dtype} on "
           f"{args.device}, TRL without grad checkpointing, preftune "
           f"{' '.join(args.set) or 'defaults'}, {args.steps} timed steps after {args.warmup} "
-          f"warmup; matmul {gflops:.1f} GFLOP/s\n")
+          f"warmup x {args.rounds} round(s); matmul {gflops:.1f} GFLOP/s\n")
     head = (f"{'method':<15}{'median s/step':>14}{'pairs/s':>9}{'tokens/step':>12}"
             f"{'tokens/s':>10}{'MFU':>7}{'peak RSS MiB':>14}{'step peak MiB':>15}"
             f"{'GPU peak MiB':>14}")
@@ -410,6 +408,31 @@ def _parent(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"gflops": gflops, "results": results}, indent=1))
 
 
+def _run_child(args: argparse.Namespace, method: str) -> dict | None:
+    cmd = [sys.executable, __file__, "--only", method, "--steps", str(args.steps),
+           "--pairs", str(args.pairs), "--max-length", str(args.max_length),
+           "--max-prompt-length", str(args.max_prompt_length), "--model", args.model,
+           "--device", args.device, "--dtype", args.dtype, "--warmup", str(args.warmup),
+           "--matmul-n", str(args.matmul_n), *[f"--set={kv}" for kv in args.set]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(f"  {method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return None
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _pool(a: dict | None, b: dict) -> dict:
+    """One method's results over rounds: all timed steps, the highest peaks."""
+    if a is None:
+        return b
+    out = {**a, "times": a["times"] + b["times"]}
+    for key in ("peak_rss_mib", "step_peak_mib", "device_peak_mib"):
+        values = [x for x in (a[key], b[key]) if x is not None]
+        out[key] = max(values) if values else None
+    return out
+
+
 def _gpu_name() -> str:
     import torch
 
@@ -428,6 +451,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights and compute of both (bfloat16: pure bf16, as dtype=bfloat16)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after the warmup)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the methods in turn this many "
+                    "times and pool their timed steps (evens out drift in machine speed)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation)")
     ap.add_argument("--matmul-n", type=int, default=2048, help="size of the rate's matmul")
     ap.add_argument("--peak-tflops", type=float, help="also report MFU against this nominal "

@@ -71,7 +71,7 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path, tiny_model_dir):
         assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-5), key
 
 
-def test_benchmark_script_runs_at_a_tiny_size():
+def test_benchmark_script_runs_at_a_tiny_size(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
@@ -79,7 +79,10 @@ def test_benchmark_script_runs_at_a_tiny_size():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dpo_vs_trl.py"
     out = subprocess.run([sys.executable, str(script), "--model", "random-tiny", "--methods",
                           "preftune", "--steps", "1", "--pairs", "2", "--max-length", "64",
-                          "--max-prompt-length", "32"], capture_output=True, text=True,
-                         check=True).stdout
+                          "--max-prompt-length", "32", "--rounds", "2",
+                          "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, check=True).stdout
     row = next(line for line in out.splitlines() if line.startswith("preftune "))
     assert len(row.split()) == 9 and float(row.split()[1]) > 0  # s/step, ..., GPU peak "-"
+    assert "running preftune (round 2)" in out
+    assert len(json.loads((tmp_path / "r.json").read_text())["results"]["preftune"]["times"]) == 2
