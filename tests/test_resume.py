@@ -136,6 +136,7 @@ def test_crash_between_latest_and_prune_is_pruned_on_resume(tmp_path, tiny_model
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["latest", "step-1", "step-2", "step-3"]
     monkeypatch.setattr(checkpoint, "prune_checkpoints", real_prune)
+    (run / "checkpoints" / ".step-9.tmp").mkdir()  # as a crash mid-write leaves it
     # The resumed run only does step 4, which is exported and never checkpointed.
     train(DPOConfig(**cfg, output_dir=str(run), resume="true"), progress=False)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())

@@ -103,12 +103,15 @@ def save_checkpoint(
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Remove every step folder older than the newest ``keep`` complete ones, complete or not.
+    """Remove half-written folders and every step folder older than the newest ``keep``
+    complete ones, complete or not.
 
     Called after each save and again on resume: a crash between ``latest`` moving and the
     prune (or mid-prune) leaves older folders behind, and a resumed run may save no more.
     """
     root = run_dir / "checkpoints"
+    for stale in root.glob(".step-*.tmp"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     complete = sorted(_complete(root), key=_step_of) if root.is_dir() else []
     if not complete:
         return
