@@ -181,26 +181,24 @@ def run_preftune(args: argparse.Namespace) -> dict:
     examples = attach(examples, logps)
 
     from preftune.distributed import transformer_blocks
-    from preftune.memory import release_free_memory
+    from preftune.memory import memory_releaser
     from preftune.train import build_optimizer
 
     if cfg.compile:
         for block in transformer_blocks(policy):
             block.compile()
     optimizer = build_optimizer(cfg, policy)
-    release = cfg.release_memory and args.device == "cpu"  # as the training loop
+    release = memory_releaser(cfg.release_memory, args.device)  # as the training loop
 
     def step() -> float:
         sync(args)
         start = time.perf_counter()
         batch = {k: v.to(args.device) for k, v in collate_pairs(examples, pad).items()}
         loss, _ = objective(policy, None, batch, objective.denominator(examples))
-        if release:
-            release_free_memory()
+        release()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        if release:
-            release_free_memory()
+        release()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(args)

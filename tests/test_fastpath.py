@@ -165,21 +165,21 @@ def test_full_vocabulary_tied_gpt2(examples):
     _assert_same(got, want, got_grads, want_grads)
 
 
-class _NewBuffers(TorchDispatchMode):
-    """Counts the tensors of ``numel`` elements that ops allocate (not views, not in-place)."""
+class _Outputs(TorchDispatchMode):
+    """Records (numel, newly allocated) for every tensor an op produces, forward and backward;
+    views and in-place results share an input's storage and are not new."""
 
-    def __init__(self, numel: int):
+    def __init__(self):
         super().__init__()
-        self.numel, self.count = numel, 0
+        self.outputs: list[tuple[int, bool]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {a.untyped_storage().data_ptr()
                   for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if (isinstance(t, torch.Tensor) and t.numel() == self.numel
-                    and t.untyped_storage().data_ptr() not in inputs):
-                self.count += 1
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((t.numel(), t.untyped_storage().data_ptr() not in inputs))
         return out
 
 
@@ -193,9 +193,9 @@ def test_tied_embedding_backward_makes_one_vocabulary_sized_buffer(examples):
     def allocations(fn):
         model.zero_grad(set_to_none=True)
         out = fn()
-        with _NewBuffers(weight.numel()) as mode:
+        with _Outputs() as mode:
             (out.chosen.sum() - out.rejected.sum()).backward()
-        return mode.count
+        return sum(new for numel, new in mode.outputs if numel == weight.numel())
 
     batch = collate_pairs(examples, 50256)
     assert allocations(lambda: concatenated_logps(model, batch)) >= 2  # head and lookup
@@ -353,21 +353,6 @@ def _saved_tensors(model, fn):
     return out, saved
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest tensor any op produces (forward and backward), deterministically."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_chunked_keeps_no_full_vocabulary_tensor(examples):
     examples = examples[:4]
     model = tiny_llama()
@@ -384,12 +369,13 @@ def test_chunked_keeps_no_full_vocabulary_tensor(examples):
         out, saved = _saved_tensors(model, lambda f=flags: pair_logps(
             model, examples, pad_token_id=50256, chunk_size=chunk, **f))
         assert saved and not [s for s in saved if VOCAB in s], saved
-        with _LargestOutput() as mode:
+        with _Outputs() as mode:
             out = pair_logps(model, examples, pad_token_id=50256, chunk_size=chunk, **flags)
             (out.chosen.sum() - out.rejected.sum()).backward()
+        largest = max(numel for numel, _ in mode.outputs)
         # nothing larger than one chunk of logits (or the [V, H] head weight's gradient)
-        assert mode.largest <= max(chunk * VOCAB, model.lm_head.weight.numel())
-        assert mode.largest < n_scored * VOCAB / 4
+        assert largest <= max(chunk * VOCAB, model.lm_head.weight.numel())
+        assert largest < n_scored * VOCAB / 4
 
 
 def test_chunked_function_matches_log_softmax_with_bias():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from preftune.config import DPOConfig
-from preftune.memory import release_free_memory
+from preftune.memory import memory_releaser, release_free_memory
 from preftune.train import train
 
 from .conftest import HH_HELPFUL
@@ -29,6 +29,13 @@ def test_free_pages_inside_the_heap_are_released():
     assert release_free_memory()
     assert before - _rss_mib() > 40  # of the ~78 MiB freed
     assert keep.sum().item() == 25_600
+
+
+def test_releaser_acts_only_on_cpu_when_enabled():
+    assert memory_releaser(True, torch.device("cpu")) is release_free_memory
+    assert memory_releaser(True, "cpu") is release_free_memory
+    assert memory_releaser(True, torch.device("cuda", 0)) is not release_free_memory
+    assert memory_releaser(False, torch.device("cpu")) is not release_free_memory
 
 
 def test_training_values_do_not_depend_on_releasing_memory(tmp_path, tiny_model_dir):

@@ -73,8 +73,7 @@ def save_checkpoint(
     tmp = root / f".step-{step}.tmp"
     if world.main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step-*.tmp"):  # left by a crash mid-write
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_half_written(root)
         tmp.mkdir()
     barrier(world)
     if world.distributed:
@@ -110,8 +109,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     prune (or mid-prune) leaves older folders behind, and a resumed run may save no more.
     """
     root = run_dir / "checkpoints"
-    for stale in root.glob(".step-*.tmp"):  # left by a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_half_written(root)
     complete = sorted(_complete(root), key=_step_of) if root.is_dir() else []
     if not complete:
         return
@@ -119,6 +117,11 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in root.glob("step-*"):
         if old.name.removeprefix("step-").isdigit() and _step_of(old) < oldest_kept:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_half_written(root: Path) -> None:
+    for stale in root.glob(".step-*.tmp"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

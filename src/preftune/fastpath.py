@@ -260,10 +260,10 @@ class _LookupIntoGrad(torch.autograd.Function):
         return None, None, None, None
 
 
-def _embed(model: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
+def _embed(emb: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
     """The model inputs for ``input_ids``: embedded by :class:`_LookupIntoGrad` when the input
-    embedding is a plain trainable ``nn.Embedding`` and a backward will follow, else the ids."""
-    emb = model.get_input_embeddings()
+    embedding ``emb`` is a plain trainable ``nn.Embedding`` and a backward will follow, else
+    the ids."""
     w = emb.weight
     if (type(emb) is nn.Embedding and emb.max_norm is None and not emb.scale_grad_by_freq
             and not emb.sparse and w.is_leaf and w.requires_grad and torch.is_grad_enabled()):
@@ -553,11 +553,12 @@ def pair_logps(
     if not (chunked or share_prompt or pack):
         return concatenated_logps(outer, _plain_batch(examples, pad_token_id), average=average)
 
-    embed = model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings()
+    embed = embedding.weight
     layout = build_layout(examples, pad_token_id=pad_token_id, share_prompt=share_prompt,
                           pack=pack, token_budget=token_budget, device=embed.device)
     inputs = {
-        **_embed(model, layout.input_ids),
+        **_embed(embedding, layout.input_ids),
         "attention_mask": layout.attention_mask(model.config._attn_implementation, embed.dtype),
         "use_cache": False,
     }

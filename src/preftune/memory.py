@@ -15,7 +15,7 @@ import functools
 import sys
 from collections.abc import Callable
 
-__all__ = ["release_free_memory"]
+__all__ = ["memory_releaser", "release_free_memory"]
 
 
 @functools.cache
@@ -35,3 +35,11 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def memory_releaser(enabled: bool, device: object) -> Callable[[], object]:
+    """What a training step calls between its phases: :func:`release_free_memory` when
+    ``enabled`` and the tensors live in host memory (``device`` is CPU), else a no-op."""
+    if enabled and str(getattr(device, "type", device)) == "cpu":
+        return release_free_memory
+    return lambda: None

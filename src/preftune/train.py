@@ -49,7 +49,7 @@ from .distributed import (
 )
 from .evaluate import evaluate, generate
 from .lora import apply_lora, merged, reference_view
-from .memory import release_free_memory
+from .memory import memory_releaser
 from .models import (
     cache_dir,
     disable_dropout,
@@ -440,7 +440,7 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     def due(every: int | None) -> bool:
         return bool(every) and counters["step"] % every == 0 and counters["step"] < total_steps
 
-    release = cfg.release_memory and device.type == "cpu"
+    release = memory_releaser(cfg.release_memory, device)
     if counters["step"] == 0:
         run_eval()  # the baseline: a DPO loss of ln 2 when policy and reference are equal
     while counters["step"] < total_steps:
@@ -454,8 +454,7 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         for batch in with_reference(micro_batches(share(examples, world), cfg.micro_batch_size,
                                                   collate, pad_id, device)):
             loss, micro_stats = objective(policy, reference, batch, denominator)
-            if release:
-                release_free_memory()  # what forward freed, before backward allocates gradients
+            release()  # what forward freed, before backward allocates gradients
             # FSDP averages gradients over ranks; scaling by the world size makes it a sum.
             (loss * world.size).backward()
             stats.update(micro_stats)
@@ -466,8 +465,7 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         lr = scheduler.get_last_lr()[0]
         finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
         if finite:
-            if release:
-                release_free_memory()  # what backward freed, before the optimizer's temporaries
+            release()  # what backward freed, before the optimizer's temporaries
             optimizer.step()
             counters["nonfinite_run"] = 0
         else:  # skip the update; the schedule still advances with the step count
