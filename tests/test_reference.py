@@ -8,7 +8,7 @@ import torch
 from preftune.config import DPOConfig
 from preftune.data import collate_pairs, read_pairs, tokenize_pair
 from preftune.logprobs import concatenated_logps
-from preftune.reference import cached_reference_logps, fingerprint
+from preftune.reference import cached_reference_logps, fingerprint, weights_digest
 from preftune.train import train
 
 from .conftest import HH_HELPFUL, tiny_llama
@@ -58,8 +58,11 @@ def test_fingerprint_changes_with_weights_data_and_settings(examples):
     changed = [dict(ex) for ex in examples]
     changed[3] = {**changed[3], "chosen_labels": changed[3]["chosen_labels"][:-1] + [-100]}
     assert fingerprint(model, changed, average=False) != base  # e.g. another truncation
+    digest = weights_digest(model)
+    assert fingerprint(model, examples, average=False, weights=digest) == base
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    assert weights_digest(model) != digest
     assert fingerprint(model, examples, average=False) != base
 
 

@@ -104,8 +104,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _f("run", True, "recompute each block's activations in "
                                       "backward: activation memory of one block, ~12% slower")
     release_memory: bool = _f("run", True, "CPU: return freed heap pages to the OS before "
-                              "each backward and optimizer step (glibc malloc_trim; lower "
-                              "peak memory, values unchanged)")
+                              "each backward and optimizer step (glibc malloc_trim; values "
+                              "unchanged; ~0.2 GiB lower peak for ~4% time on SmolLM2-135M)")
     compile: bool = _f("run", False, "torch.compile each transformer block of the policy "
                        "(GPU; first steps pay the compilation)")
     trust_remote_code: bool = _f("run", False, "allow model code from the hub")

@@ -26,15 +26,28 @@ Example = dict[str, list[int]]
 KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
-def fingerprint(model: torch.nn.Module, examples: Sequence[Example], *, average: bool) -> str:
-    """A hex digest of the reference weights, the tokenized pairs and the settings."""
+def weights_digest(model: torch.nn.Module) -> bytes:
+    """A digest of every named weight of ``model`` (names, dtypes and bytes)."""
     h = hashlib.blake2b(digest_size=20)
-    h.update(f"average={average};n={len(examples)}".encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def fingerprint(
+    model: torch.nn.Module, examples: Sequence[Example], *, average: bool,
+    weights: bytes | None = None,
+) -> str:
+    """A hex digest of the reference weights, the tokenized pairs and the settings.
+
+    ``weights`` is ``weights_digest(model)`` when the caller already has it (the train and
+    eval pairs of one run share it: hashing the weights once is most of the cost)."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"average={average};n={len(examples)}".encode())
+    h.update(weights if weights is not None else weights_digest(model))
     for ex in examples:
         for key in KEYS:
             h.update(key.encode())
@@ -83,13 +96,16 @@ def cached_reference_logps(
     cache_dir: Path,
     logps: Callable[[torch.nn.Module, dict], PairLogps] | None = None,
     world: World | None = None,
+    weights: bytes | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
     """Reference log-probs from the cache, or computed and stored; returns (logps, hit).
 
     ``logps`` computes a batch's log-probs (default: the plain concatenated forward); any
-    exact path gives the same numbers, so it is not part of the fingerprint."""
+    exact path gives the same numbers, so it is not part of the fingerprint. ``weights``:
+    ``weights_digest(model)``, if already computed."""
     world = world or World()
-    path = cache_dir / f"{fingerprint(model, examples, average=average)}.safetensors"
+    key = fingerprint(model, examples, average=average, weights=weights)
+    path = cache_dir / f"{key}.safetensors"
     hit = path.is_file()
     if world.distributed:  # every rank must take the same branch
         flag = torch.tensor([int(hit)])

@@ -58,7 +58,7 @@ from .models import (
     load_tokenizer,
     save_pretrained,
 )
-from .reference import attach, cached_reference_logps
+from .reference import attach, cached_reference_logps, weights_digest
 from .report import write_report
 from .step import DPOObjective, SFTObjective, finalize
 from .tracking import RunLog, read_jsonl
@@ -88,13 +88,15 @@ def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data,
     cache = cache_dir() / "reference-logps"
     was_training = reference.training  # the policy itself may serve as the reference here
     reference.eval()
+    weights = weights_digest(reference)  # once for both splits
     for name in ("train", "eval"):
         examples = getattr(data, name)
         if not examples:
             continue
         logps, hit = cached_reference_logps(reference, examples, batches,
                                             average=objective.average, cache_dir=cache,
-                                            logps=objective.sequence_logps, world=world)
+                                            logps=objective.sequence_logps, world=world,
+                                            weights=weights)
         setattr(data, name, attach(examples, logps))
         if world.main:
             print(f"reference log-probs of {len(examples)} {name} pairs: "
