@@ -159,7 +159,7 @@ def run_preftune(args: argparse.Namespace) -> dict:
                 for p in load_pairs(args.pairs)]
     objective = DPOObjective(beta=cfg.beta, fast={
         "pad_token_id": pad, "chunked": cfg.chunked_logps, "chunk_size": cfg.chunk_size,
-        "share_prompt": cfg.share_prompt, "pack": cfg.pack})
+        "share_prompt": cfg.share_prompt, "pack": cfg.pack, "segments": cfg.segment_attention})
     policy = load_model(args.model, dtype=dtype_of(args)).to(args.device)
     policy.train()
     if cfg.gradient_checkpointing:

@@ -30,9 +30,11 @@ TOKENIZER = ASSETS / "tokenizers" / "gpt2"
 METHODS = {
     "plain": None,
     "chunked": dict(chunked=True, share_prompt=False, pack=False),
-    "share_prompt": dict(chunked=False, share_prompt=True, pack=False),
-    "pack": dict(chunked=False, share_prompt=False, pack=True),
-    "all": dict(chunked=True, share_prompt=True, pack=True),
+    "share_prompt": dict(chunked=False, share_prompt=True, pack=False, segments=False),
+    "pack": dict(chunked=False, share_prompt=False, pack=True, segments=False),
+    "share_prompt+pack": dict(chunked=False, share_prompt=True, pack=True, segments=False),
+    "+segments": dict(chunked=False, share_prompt=True, pack=True, segments=True),
+    "all": dict(chunked=True, share_prompt=True, pack=True, segments=True),
 }
 
 

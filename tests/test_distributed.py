@@ -109,7 +109,8 @@ def test_lora_two_processes_match_one(tmp_path, tiny_model_dir):
     proc = _run(tiny_model_dir, two, 2, lora_export="merged", **lora)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _close(_train_records(one), _train_records(two))
-    assert _train_records(two)[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    # ln 2 up to float rounding: the reference pass batches pairs differently from training
+    assert _train_records(two)[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-5)
     # rank 0's merged export computes what one process's adapter on the base computes
     merged = AutoModelForCausalLM.from_pretrained(two / "final").eval()
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),

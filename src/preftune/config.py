@@ -173,6 +173,9 @@ class DPOConfig(TrainConfig):
     share_prompt: bool = _f("run", True, "run each pair's prompt once: [prompt, chosen, "
                             "rejected] with a mask that hides chosen from rejected (exact)")
     pack: bool = _f("run", True, "pack pairs into rows so padding costs nothing (exact)")
+    segment_attention: bool = _f("run", True, "with share_prompt/pack and sdpa attention: two "
+                                 "causal attention calls per pair instead of one masked call "
+                                 "per row, and one row per micro-batch (exact)")
 
     def _check(self) -> None:
         super()._check()

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import attention
+from .attention import Segment
 from .data.collate import collate_pairs
 from .logprobs import IGNORE_INDEX, PairLogps, concatenated_logps
 
@@ -308,6 +310,9 @@ class PackedLayout:
     sequence: Tensor  # [N] i for pair i's chosen, n_pairs + i for its rejected
     counts: Tensor  # [2 * n_pairs] scored tokens per sequence
     n_pairs: int
+    # per row, (start, shared, chosen, rejected) of each unit (preftune.attention); None for
+    # the plain layout
+    segments: tuple[tuple[Segment, ...], ...] | None = None
 
     def attention_mask(self, implementation: str, dtype: torch.dtype) -> Tensor:
         """2D padding mask (plain layout), else the 4D mask [R, 1, L, L] for ``implementation``.
@@ -459,13 +464,17 @@ def build_layout(
     length = max(sum(lengths[k] for k in row) for row in rows)
 
     ids, pos, seg, branch, real = [], [], [], [], []
+    segments: list[tuple[Segment, ...]] = []
     source: list[int] = []
     targets: list[int] = []
     sequence: list[int] = []
     for r, row in enumerate(rows):
         row_ids, row_pos, row_seg, row_branch = [], [], [], []
+        row_segments = []
         for k in row:
             u = units[k]
+            row_segments.append((len(row_ids), u.branch.count(0), u.branch.count(1),
+                                 u.branch.count(2)))
             base = r * length + len(row_ids)
             source.extend(base + p for p in u.pred)
             targets.extend(u.targets)
@@ -480,6 +489,7 @@ def build_layout(
         pos.append(row_pos + [0] * pad)
         seg.append(row_seg + [-1] * pad)
         branch.append(row_branch + [0] * pad)
+        segments.append(tuple(row_segments))
 
     def t(x: list) -> Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
@@ -496,6 +506,7 @@ def build_layout(
         sequence=t(sequence),
         counts=t(counts),
         n_pairs=n_pairs,
+        segments=tuple(segments) if layout_4d else None,
     )
 
 
@@ -519,12 +530,16 @@ def pair_logps(
     share_prompt: bool = True,
     pack: bool = True,
     token_budget: int | None = None,
+    segments: bool = True,
 ) -> PairLogps:
     """Chosen/rejected log-probs of a micro-batch, as ``concatenated_logps`` computes them.
 
     ``examples`` is a list of ``tokenize_pair`` outputs, or the right-padded batch of
     ``collate_pairs``. Pairs keep their input order. ``average`` gives the mean per scored
-    token. Techniques the model cannot use fall back to the plain path with one
+    token. ``segments``: with ``share_prompt`` or ``pack`` on an ``sdpa`` model, attend per
+    pair segment (:mod:`preftune.attention`) instead of through a 4D mask; packing then puts
+    the whole micro-batch in one row (no padding) unless ``token_budget`` is given.
+    Techniques the model cannot use fall back to the plain path with one
     :class:`FastpathFallbackWarning`.
     """
     outer = model  # what the plain path calls: under FSDP only the root gathers parameters
@@ -555,13 +570,23 @@ def pair_logps(
 
     embedding = model.get_input_embeddings()
     embed = embedding.weight
+    impl = model.config._attn_implementation
+    segmented = segments and (share_prompt or pack) and impl == "sdpa"
+    if segmented and pack and token_budget is None:
+        token_budget = sum(len(e[f"{s}_input_ids"]) for e in examples
+                           for s in ("chosen", "rejected"))  # >= the units: one row
     layout = build_layout(examples, pad_token_id=pad_token_id, share_prompt=share_prompt,
                           pack=pack, token_budget=token_budget, device=embed.device)
-    inputs = {
-        **_embed(embedding, layout.input_ids),
-        "attention_mask": layout.attention_mask(model.config._attn_implementation, embed.dtype),
-        "use_cache": False,
-    }
+    inputs: dict[str, Any] = {**_embed(embedding, layout.input_ids), "use_cache": False}
+    plan = None
+    if segmented and layout.segments is not None:
+        attention.install()
+        plan = attention.Plan(layout.segments)
+        # The 2D padding mask keeps transformers from building a 4D mask of its own (it would
+        # go unused): all ones (one packed row) builds none.
+        inputs.update({"attention_mask": layout.padding_mask, attention.PLAN_KEY: plan})
+    else:
+        inputs["attention_mask"] = layout.attention_mask(impl, embed.dtype)
     if layout.position_ids is not None:
         inputs["position_ids"] = layout.position_ids
     if chunked:
@@ -578,6 +603,9 @@ def pair_logps(
         # of [R * L, V] first (index_select) is slower on CPU than the extra logsumexp rows.
         picked = logits.view(-1)[layout.source * vocab + layout.targets]
         token_logps = picked - torch.logsumexp(logits, dim=-1)[layout.source]
+    if plan is not None and plan.calls == 0:  # the values would ignore the pair structure
+        raise RuntimeError(f"preftune.fastpath: {type(model).__name__} did not pass the "
+                           f"attention plan to its attention; set segments=False")
     n = layout.n_pairs
     totals = token_logps.new_zeros(2 * n).index_add(0, layout.sequence, token_logps)
     if average:

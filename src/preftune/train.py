@@ -351,7 +351,7 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         if cfg.chunked_logps or cfg.share_prompt or cfg.pack:
             fast = {"pad_token_id": pad_id, "chunked": cfg.chunked_logps,
                     "chunk_size": cfg.chunk_size, "share_prompt": cfg.share_prompt,
-                    "pack": cfg.pack}
+                    "pack": cfg.pack, "segments": cfg.segment_attention}
         objective = DPOObjective(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
                                  reference_free=cfg.reference_free, logps=cfg.logps, fast=fast,
                                  simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)

@@ -1,0 +1,114 @@
+"""Attention over the pair layout, one pair segment at a time.
+
+The fast-path layout (:mod:`preftune.fastpath`) runs each pair as one sequence ``[shared
+prefix, chosen tail, rejected tail]``. With a 4D mask, one attention call covers the whole row,
+and a dense kernel computes every query-key block, visible or not. Here the same attention is
+two causal calls per pair instead:
+
+* prefix + chosen tail: ordinary causal attention over that span;
+* rejected tail: its queries against the keys ``[shared prefix, rejected tail]``, causal with
+  the diagonal aligned to the bottom right, so the tail sees the whole prefix and its own past
+  (a [rejected, prefix + rejected] mask).
+
+An unshared sequence (``share_prompt`` off) is one causal call. No [L, L] mask is built for
+the row, and on GPUs the causal calls can run flash kernels. Each query attends to exactly the
+keys the 4D mask allows, so results equal the masked call up to float summation order;
+padding queries (the tail of a row) get zeros.
+
+The plan travels to the attention function as the keyword argument ``preftune_plan`` of the
+decoder body's forward: transformers passes such keywords down to every attention call, and
+activation checkpointing replays them in the recompute. :func:`install` wraps the ``sdpa``
+entry of transformers' attention registry so that a call carrying a plan takes this path and
+every other call is untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["PLAN_KEY", "Plan", "Segment", "install", "segment_attention"]
+
+PLAN_KEY = "preftune_plan"
+
+# (start, shared, chosen, rejected): a unit's first position in its row and the lengths of its
+# shared prefix, chosen tail and rejected tail (an unshared sequence: (start, length, 0, 0)).
+Segment = tuple[int, int, int, int]
+
+
+@dataclass(eq=False)
+class Plan:
+    """The segments of each row of a layout, and how many attention calls have used them
+    (zero after a forward means the model did not route its attention through here)."""
+
+    rows: tuple[tuple[Segment, ...], ...]
+    calls: int = 0
+
+
+def segment_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    plan: Sequence[Sequence[Segment]],
+    *,
+    scale: float | None = None,
+    dropout: float = 0.0,
+) -> Tensor:
+    """Attention of ``query`` [R, H, L, D] over ``key``/``value`` [R, H, L, D] (heads already
+    repeated for grouped queries), per segment of ``plan`` (one list of segments per row).
+    Returns [R, H, L, D]; positions after a row's last segment are zeros."""
+    rows = []
+    length = query.shape[2]
+    for r, segments in enumerate(plan):
+        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
+        parts, end = [], 0
+        for start, shared, chosen, rejected in segments:
+            split = start + shared + chosen
+            parts.append(F.scaled_dot_product_attention(
+                q[:, :, start:split], k[:, :, start:split], v[:, :, start:split],
+                dropout_p=dropout, is_causal=True, scale=scale))
+            end = split + rejected
+            if rejected:
+                keys = torch.cat([k[:, :, start : start + shared], k[:, :, split:end]], dim=2)
+                values = torch.cat([v[:, :, start : start + shared], v[:, :, split:end]], dim=2)
+                # causal, diagonal at the bottom right: the whole prefix, then its own past
+                sees = torch.ones(rejected, shared + rejected, dtype=torch.bool,
+                                  device=q.device).tril(diagonal=shared)
+                parts.append(F.scaled_dot_product_attention(
+                    q[:, :, split:end], keys, values, attn_mask=sees, dropout_p=dropout,
+                    scale=scale))
+        if end < length:
+            parts.append(q.new_zeros(*q.shape[:2], length - end, q.shape[3]))
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+
+
+def _with_plan(sdpa, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,  # noqa: ANN001
+               attention_mask: Tensor | None, dropout: float = 0.0,
+               scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
+    plan = kwargs.pop(PLAN_KEY, None)
+    if plan is None:
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                    **kwargs)
+    plan.calls += 1
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: as transformers' repeat_kv
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    out = segment_attention(query, key, value, plan.rows, scale=scaling, dropout=dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def install() -> None:
+    """Route ``sdpa`` attention calls that carry a plan through :func:`segment_attention`
+    (once per process; calls without a plan run transformers' own function unchanged)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = functools.wraps(sdpa)(functools.partial(_with_plan, sdpa))
