@@ -144,12 +144,12 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {args.pairs} HH pairs, max_length "
           f"{args.max_length}, (prompt, chosen, rejected) lengths {lengths}; "
           f"median of {args.repeats}")
-    print(f"{'method':<13} {'step fwd+bwd s':>15} {'ref fwd s':>10} {'peak MiB':>9} "
+    print(f"{'method':<17} {'step fwd+bwd s':>15} {'ref fwd s':>10} {'peak MiB':>9} "
           f"{'peak/plain':>10} {'max |dlogp|':>12}")
     first = methods[0]
     for m in methods:
         diff = max(abs(a - b) for a, b in zip(values[m], values[first], strict=True))
-        print(f"{m:<13} {statistics.median(steps[m]):>15.3f} {statistics.median(refs[m]):>10.3f} "
+        print(f"{m:<17} {statistics.median(steps[m]):>15.3f} {statistics.median(refs[m]):>10.3f} "
               f"{peaks[m]:>9.0f} {peaks[m] / peaks[first]:>10.2f} {diff:>12.2e}")
 
 
