@@ -149,6 +149,7 @@ def run_preftune(args: argparse.Namespace) -> dict:
     from preftune.models import enable_activation_checkpointing, load_model, load_tokenizer
     from preftune.reference import attach, compute_reference_logps
     from preftune.step import DPOObjective
+    from preftune.train import build_optimizer, fast_paths
 
     # The default `preftune dpo` settings, with any --set overrides.
     cfg = parse_config(DPOConfig, [f"model={args.model}", f"dataset={HH}", *args.set])
@@ -157,9 +158,7 @@ def run_preftune(args: argparse.Namespace) -> dict:
     examples = [tokenize_pair(p, tokenizer, max_length=args.max_length,
                               max_prompt_length=args.max_prompt_length)
                 for p in load_pairs(args.pairs)]
-    objective = DPOObjective(beta=cfg.beta, fast={
-        "pad_token_id": pad, "chunked": cfg.chunked_logps, "chunk_size": cfg.chunk_size,
-        "share_prompt": cfg.share_prompt, "pack": cfg.pack, "segments": cfg.segment_attention})
+    objective = DPOObjective(beta=cfg.beta, fast=fast_paths(cfg, pad))
     policy = load_model(args.model, dtype=dtype_of(args)).to(args.device)
     policy.train()
     if cfg.gradient_checkpointing:
@@ -182,7 +181,6 @@ def run_preftune(args: argparse.Namespace) -> dict:
 
     from preftune.distributed import transformer_blocks
     from preftune.memory import memory_releaser
-    from preftune.train import build_optimizer
 
     if cfg.compile:
         for block in transformer_blocks(policy):

@@ -438,3 +438,17 @@ def test_bf16_autocast_fast_path_is_close_to_the_plain_path(small_examples):
     torch.testing.assert_close(got.chosen, want.chosen, rtol=1e-3, atol=1e-2)
     for name, g in want_grads.items():
         assert (got_grads[name] - g).norm() <= 2e-2 * g.norm() + 1e-6, name
+
+
+def test_config_fast_paths_are_pair_logps_keywords():
+    import inspect
+
+    from preftune.config import DPOConfig
+    from preftune.train import fast_paths
+
+    cfg = DPOConfig(model="m", dataset="d")
+    fast = fast_paths(cfg, 0)
+    assert set(fast) <= set(inspect.signature(pair_logps).parameters)
+    assert fast["segments"] is cfg.segment_attention is True
+    off = DPOConfig(model="m", dataset="d", chunked_logps=False, share_prompt=False, pack=False)
+    assert fast_paths(off, 0) is None

@@ -54,17 +54,17 @@ def segment_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    plan: Sequence[Sequence[Segment]],
+    rows: Sequence[Sequence[Segment]],
     *,
     scale: float | None = None,
     dropout: float = 0.0,
 ) -> Tensor:
     """Attention of ``query`` [R, H, L, D] over ``key``/``value`` [R, H, L, D] (heads already
-    repeated for grouped queries), per segment of ``plan`` (one list of segments per row).
+    repeated for grouped queries), per segment of ``rows`` (one list of segments per row).
     Returns [R, H, L, D]; positions after a row's last segment are zeros."""
-    rows = []
+    outs = []
     length = query.shape[2]
-    for r, segments in enumerate(plan):
+    for r, segments in enumerate(rows):
         q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
         parts, end = [], 0
         for start, shared, chosen, rejected in segments:
@@ -84,8 +84,8 @@ def segment_attention(
                     scale=scale))
         if end < length:
             parts.append(q.new_zeros(*q.shape[:2], length - end, q.shape[3]))
-        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+        outs.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 
 
 def _with_plan(sdpa, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,  # noqa: ANN001

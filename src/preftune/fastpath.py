@@ -20,8 +20,12 @@ Three techniques, each usable on its own (flags of :func:`pair_logps`):
   ``share_prompt``) are packed first-fit-decreasing into rows of at most ``token_budget`` tokens
   (default and minimum: the longest unit, so no row is longer than the plain batch's), with
   per-unit position ids and a block-diagonal 4D mask. Pad tokens are only the tail of each row,
-  and there are fewer rows. Attention still costs ``rows * L^2`` (a dense masked kernel); the
-  per-token work (projections, MLP, head) is done on (almost) real tokens only.
+  and there are fewer rows. Through the mask, attention costs ``rows * L^2`` (a dense masked
+  kernel); the per-token work (projections, MLP, head) is done on (almost) real tokens only.
+
+With either layout on an ``sdpa`` model, ``segments`` (default) replaces the 4D mask by two
+causal attention calls per pair (:mod:`preftune.attention`), and packing then puts the whole
+micro-batch in one row: no padding, no [L, L] mask.
 
 On the fast paths a plain trainable ``nn.Embedding`` is looked up by an autograd Function
 whose backward adds the used rows into ``weight.grad`` in place (:class:`_LookupIntoGrad`): no
@@ -40,6 +44,7 @@ dropout (the training loop disables it).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -573,13 +578,12 @@ def pair_logps(
     impl = model.config._attn_implementation
     segmented = segments and (share_prompt or pack) and impl == "sdpa"
     if segmented and pack and token_budget is None:
-        token_budget = sum(len(e[f"{s}_input_ids"]) for e in examples
-                           for s in ("chosen", "rejected"))  # >= the units: one row
+        token_budget = sys.maxsize  # no cap: the micro-batch in one row
     layout = build_layout(examples, pad_token_id=pad_token_id, share_prompt=share_prompt,
                           pack=pack, token_budget=token_budget, device=embed.device)
     inputs: dict[str, Any] = {**_embed(embedding, layout.input_ids), "use_cache": False}
     plan = None
-    if segmented and layout.segments is not None:
+    if segmented:
         attention.install()
         plan = attention.Plan(layout.segments)
         # The 2D padding mask keeps transformers from building a 4D mask of its own (it would

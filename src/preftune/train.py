@@ -263,6 +263,16 @@ def micro_batches(examples: list[Example], size: int, collate, pad_id: int, devi
         yield {k: v.to(device) for k, v in batch.items()}
 
 
+def fast_paths(cfg: DPOConfig, pad_id: int) -> dict | None:
+    """The ``DPOObjective.fast`` settings (``preftune.fastpath.pair_logps`` keywords) of a
+    config; None when every fast path is off."""
+    if not (cfg.chunked_logps or cfg.share_prompt or cfg.pack):
+        return None
+    return {"pad_token_id": pad_id, "chunked": cfg.chunked_logps, "chunk_size": cfg.chunk_size,
+            "share_prompt": cfg.share_prompt, "pack": cfg.pack,
+            "segments": cfg.segment_attention}
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "rmsprop":
@@ -347,13 +357,9 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     pad_id = pad_id_for(tokenizer)
     data = load_data(cfg, tokenizer, out if world.main else None, world.size)
     if stage == "dpo":
-        fast = None
-        if cfg.chunked_logps or cfg.share_prompt or cfg.pack:
-            fast = {"pad_token_id": pad_id, "chunked": cfg.chunked_logps,
-                    "chunk_size": cfg.chunk_size, "share_prompt": cfg.share_prompt,
-                    "pack": cfg.pack, "segments": cfg.segment_attention}
         objective = DPOObjective(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
-                                 reference_free=cfg.reference_free, logps=cfg.logps, fast=fast,
+                                 reference_free=cfg.reference_free, logps=cfg.logps,
+                                 fast=fast_paths(cfg, pad_id),
                                  simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
         collate = collate_pairs
     else:
