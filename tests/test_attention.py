@@ -112,3 +112,14 @@ def test_one_packed_row_and_a_guard_when_the_plan_is_not_used(monkeypatch):
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", sdpa_attention_forward)
     with pytest.raises(RuntimeError, match="did not pass the attention plan"):
         pair_logps(model, ex, pad_token_id=0)
+
+
+def test_a_single_row_matches_its_row_of_a_batch_and_segments_must_tile():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, LENGTH, 8, dtype=torch.float64) for _ in range(3))
+    both = segment_attention(q, k, v, PLAN)
+    for r in range(2):  # one row skips the split into rows
+        one = segment_attention(q[r : r + 1], k[r : r + 1], v[r : r + 1], PLAN[r : r + 1])
+        torch.testing.assert_close(one, both[r : r + 1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="segments must tile their row: one starts at 10, not 9"):
+        segment_attention(q[:1], k[:1], v[:1], (((0, 3, 2, 4), (10, 1, 0, 0)),))

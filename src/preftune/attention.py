@@ -62,26 +62,34 @@ def segment_attention(
     """Attention of ``query`` [R, H, L, D] over ``key``/``value`` [R, H, L, D] (heads already
     repeated for grouped queries), per segment of ``rows`` (one list of segments per row).
     Returns [R, H, L, D]; positions after a row's last segment are zeros."""
-    outs = []
     length = query.shape[2]
-    for r, segments in enumerate(rows):
-        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
-        parts, end = [], 0
+    # Cut each row into its segments' pieces with one split per tensor: the backward of a split
+    # is one concatenation, where slicing a row per call costs a zero-filled row-sized gradient
+    # per slice (and an addition to gather them).
+    split = (lambda t: [t]) if query.shape[0] == 1 else (lambda t: t.split(1))
+    outs = []
+    for q, k, v, segments in zip(split(query), split(key), split(value), rows, strict=True):
+        sizes, end = [], 0
         for start, shared, chosen, rejected in segments:
-            split = start + shared + chosen
+            if start != end:
+                raise ValueError(f"segments must tile their row: one starts at {start}, not {end}")
+            sizes += [shared + chosen, rejected]
+            end = start + shared + chosen + rejected
+        sizes.append(length - end)
+        qs, ks, vs = q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2)
+        parts = []
+        for i, (_, shared, _, rejected) in enumerate(segments):
+            head, tail = 2 * i, 2 * i + 1
             parts.append(F.scaled_dot_product_attention(
-                q[:, :, start:split], k[:, :, start:split], v[:, :, start:split],
-                dropout_p=dropout, is_causal=True, scale=scale))
-            end = split + rejected
+                qs[head], ks[head], vs[head], dropout_p=dropout, is_causal=True, scale=scale))
             if rejected:
-                keys = torch.cat([k[:, :, start : start + shared], k[:, :, split:end]], dim=2)
-                values = torch.cat([v[:, :, start : start + shared], v[:, :, split:end]], dim=2)
+                keys = torch.cat([ks[head][:, :, :shared], ks[tail]], dim=2)
+                values = torch.cat([vs[head][:, :, :shared], vs[tail]], dim=2)
                 # causal, diagonal at the bottom right: the whole prefix, then its own past
                 sees = torch.ones(rejected, shared + rejected, dtype=torch.bool,
                                   device=q.device).tril(diagonal=shared)
                 parts.append(F.scaled_dot_product_attention(
-                    q[:, :, split:end], keys, values, attn_mask=sees, dropout_p=dropout,
-                    scale=scale))
+                    qs[tail], keys, values, attn_mask=sees, dropout_p=dropout, scale=scale))
         if end < length:
             parts.append(q.new_zeros(*q.shape[:2], length - end, q.shape[3]))
         outs.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
