@@ -179,12 +179,11 @@ def run_preftune(args: argparse.Namespace) -> dict:
     precompute_s = time.perf_counter() - t
     examples = attach(examples, logps)
 
-    from preftune.distributed import transformer_blocks
     from preftune.memory import memory_releaser
+    from preftune.models import compile_blocks
 
     if cfg.compile:
-        for block in transformer_blocks(policy):
-            block.compile()
+        compile_blocks(policy)
     optimizer = build_optimizer(cfg, policy)
     release = memory_releaser(cfg.release_memory, args.device)  # as the training loop
 

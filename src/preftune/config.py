@@ -106,8 +106,8 @@ class TrainConfig:
     release_memory: bool = _f("run", True, "CPU: return freed heap pages to the OS before "
                               "each backward and optimizer step (glibc malloc_trim; values "
                               "unchanged; ~0.2 GiB lower peak for ~4% time on SmolLM2-135M)")
-    compile: bool = _f("run", False, "torch.compile each transformer block of the policy "
-                       "(GPU; first steps pay the compilation)")
+    compile: bool = _f("run", False, "torch.compile the norms and MLP of each transformer "
+                       "block of the policy (GPU; first steps pay the compilation)")
     trust_remote_code: bool = _f("run", False, "allow model code from the hub")
     report_to: str = _f("eval", "none", "extra metric sinks besides metrics.jsonl, comma-"
                         "separated: tensorboard, wandb (W&B honours WANDB_MODE=offline); none")

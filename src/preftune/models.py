@@ -161,6 +161,29 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def compile_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``torch.compile`` the norms and the MLP of each decoder block; return what was compiled.
+
+    The attention module of each block stays eager: with ``segment_attention`` it loops over
+    the pair segments of the micro-batch, Python integers that change with every batch, which
+    a compiled graph would specialise on (and its call counter is a side effect that
+    activation checkpointing cannot trace). The fusable elementwise work (the norms, the
+    gated activation) lies outside it; sequence lengths become dynamic after the first
+    recompilation. Parts without parameters (dropout) are left alone.
+    """
+    from .distributed import transformer_blocks
+
+    compiled = []
+    for block in transformer_blocks(model):
+        for child in block.children():
+            attention = "attention" in type(child).__name__.lower()
+            if attention or next(child.parameters(), None) is None:
+                continue
+            child.compile()
+            compiled.append(child)
+    return compiled
+
+
 def save_pretrained(
     model: PreTrainedModel, tokenizer, out_dir: str | Path, state_dict: dict | None = None
 ) -> Path:

@@ -45,13 +45,13 @@ from .distributed import (
     shard,
     share,
     sum_across,
-    transformer_blocks,
 )
 from .evaluate import evaluate, generate
 from .lora import apply_lora, merged, reference_view
 from .memory import memory_releaser
 from .models import (
     cache_dir,
+    compile_blocks,
     disable_dropout,
     enable_activation_checkpointing,
     load_model,
@@ -377,9 +377,8 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     if live_view:
         reference = None
     policy = shard(policy, world, train=True)
-    if cfg.compile:  # per block: the mask building and the loss stay eager, no graph breaks
-        for block in transformer_blocks(policy):
-            block.compile()
+    if cfg.compile:
+        compile_blocks(policy)
     reference = shard(reference, world, train=False) if reference is not None else None
 
     optimizer = build_optimizer(cfg, policy)
