@@ -355,6 +355,7 @@ def _parent(args: argparse.Namespace) -> None:
                   + ", ".join(f"{k} {v:.1f}s" for k, v in r["setup"].items()), flush=True)
             for w in r["warnings"]:
                 print(f"    warning: {w}")
+            r["round_medians"] = [statistics.median(r["times"])]
             results[method] = _pool(results.get(method), r)
     for r in results.values():
         r["median_s"] = statistics.median(r["times"])
@@ -395,6 +396,12 @@ def _parent(args: argparse.Namespace) -> None:
                       f"{fmt(_ratio(pt['step_peak_mib'], o['step_peak_mib']), '.2f')}x"
                       + (f", GPU peak {pt['device_peak_mib'] / o['device_peak_mib']:.2f}x"
                          if pt["device_peak_mib"] and o["device_peak_mib"] else ""))
+                ours, theirs = pt["round_medians"], o["round_medians"]
+                if len(ours) > 1 and len(ours) == len(theirs):
+                    # each round runs the methods back to back: its ratio sees one machine speed
+                    paired = [b / a for a, b in zip(ours, theirs, strict=True)]
+                    print(f"  speed-up per round: {', '.join(f'{x:.2f}x' for x in paired)} "
+                          f"(median {statistics.median(paired):.2f}x)")
     if "trl-precompute" in results and "trl" in results:
         d = (results["trl-precompute"]["setup"]["trainer_init_s"]
              - results["trl"]["setup"]["trainer_init_s"])
@@ -421,7 +428,8 @@ def _pool(a: dict | None, b: dict) -> dict:
     """One method's results over rounds: all timed steps, the highest peaks."""
     if a is None:
         return b
-    out = {**a, "times": a["times"] + b["times"]}
+    out = {**a, "times": a["times"] + b["times"],
+           "round_medians": a["round_medians"] + b["round_medians"]}
     for key in ("peak_rss_mib", "step_peak_mib", "device_peak_mib"):
         values = [x for x in (a[key], b[key]) if x is not None]
         out[key] = max(values) if values else None
