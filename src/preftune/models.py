@@ -161,8 +161,8 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """``torch.compile`` the norms and the MLP of each decoder block; return what was compiled.
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` the norms and the MLP of each decoder block (in place).
 
     The attention module of each block stays eager: with ``segment_attention`` it loops over
     the pair segments of the micro-batch, Python integers that change with every batch, which
@@ -173,15 +173,11 @@ def compile_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """
     from .distributed import transformer_blocks
 
-    compiled = []
     for block in transformer_blocks(model):
         for child in block.children():
             attention = "attention" in type(child).__name__.lower()
-            if attention or next(child.parameters(), None) is None:
-                continue
-            child.compile()
-            compiled.append(child)
-    return compiled
+            if not attention and next(child.parameters(), None) is not None:
+                child.compile()
 
 
 def save_pretrained(
