@@ -16,16 +16,16 @@ HH_HELPFUL = ASSETS / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 def tiny_llama(vocab_size: int = 50257, seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A 2-layer Llama with random weights: real code paths, runs in milliseconds."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+    config = LlamaConfig(**{
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
         **overrides,
-    )
+    })
     return LlamaForCausalLM(config).eval()
 
 

@@ -63,6 +63,24 @@ def test_segments_equal_the_masked_call_in_values_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_grouped_heads_equal_repeated_heads_in_values_and_gradients():
+    """With ``gqa`` the key/value heads go to SDPA unrepeated (``enable_gqa``): the same
+    attention, and the gradients of the shared heads summed over their query groups."""
+    torch.manual_seed(1)
+    q = torch.randn(2, 6, LENGTH, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, LENGTH, 8, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    got = segment_attention(q, k, v, PLAN, scale=0.3, gqa=True)
+    want = segment_attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1),
+                             PLAN, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * weights).sum(), (q, k, v))
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_layout_segments_describe_the_units():
     ex = {"chosen_input_ids": [1, 2, 3, 10, 11], "chosen_labels": [-100, -100, -100, 10, 11],
           "rejected_input_ids": [1, 2, 3, 20], "rejected_labels": [-100, -100, -100, 20]}
@@ -78,7 +96,7 @@ class _GQA(torch.nn.Module):
     num_key_value_groups = 3
 
 
-def test_registered_function_repeats_grouped_heads_and_passes_other_calls_through():
+def test_registered_function_takes_grouped_heads_and_passes_other_calls_through():
     attention.install()
     fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
     torch.manual_seed(0)

@@ -58,10 +58,12 @@ def segment_attention(
     *,
     scale: float | None = None,
     dropout: float = 0.0,
+    gqa: bool = False,
 ) -> Tensor:
     """Attention of ``query`` [R, H, L, D] over ``key``/``value`` [R, H, L, D] (heads already
-    repeated for grouped queries), per segment of ``rows`` (one list of segments per row).
-    Returns [R, H, L, D]; positions after a row's last segment are zeros."""
+    repeated for grouped queries; with ``gqa``, [R, H / G, L, D] and SDPA's ``enable_gqa``),
+    per segment of ``rows`` (one list of segments per row). Returns [R, H, L, D]; positions
+    after a row's last segment are zeros."""
     length = query.shape[2]
     # Cut each row into its segments' pieces with one split per tensor: the backward of a split
     # is one concatenation, where slicing a row per call costs a zero-filled row-sized gradient
@@ -81,7 +83,8 @@ def segment_attention(
         for i, (_, shared, _, rejected) in enumerate(segments):
             head, tail = 2 * i, 2 * i + 1
             parts.append(F.scaled_dot_product_attention(
-                qs[head], ks[head], vs[head], dropout_p=dropout, is_causal=True, scale=scale))
+                qs[head], ks[head], vs[head], dropout_p=dropout, is_causal=True, scale=scale,
+                enable_gqa=gqa))
             if rejected:
                 keys = torch.cat([ks[head][:, :, :shared], ks[tail]], dim=2)
                 values = torch.cat([vs[head][:, :, :shared], vs[tail]], dim=2)
@@ -89,7 +92,8 @@ def segment_attention(
                 sees = torch.ones(rejected, shared + rejected, dtype=torch.bool,
                                   device=q.device).tril(diagonal=shared)
                 parts.append(F.scaled_dot_product_attention(
-                    qs[tail], keys, values, attn_mask=sees, dropout_p=dropout, scale=scale))
+                    qs[tail], keys, values, attn_mask=sees, dropout_p=dropout, scale=scale,
+                    enable_gqa=gqa))
         if end < length:
             parts.append(q.new_zeros(*q.shape[:2], length - end, q.shape[3]))
         outs.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
@@ -105,10 +109,16 @@ def _with_plan(sdpa, module: nn.Module, query: Tensor, key: Tensor, value: Tenso
                     **kwargs)
     plan.calls += 1
     groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: as transformers' repeat_kv
+    # Grouped-query attention: PyTorch's CPU flash kernel takes the key/value heads as they
+    # are (no repeated copies, a third of the saved keys/values for SmolLM2); elsewhere they
+    # are repeated as transformers' repeat_kv does (GPU kernels may not take grouped heads
+    # with the rejected call's mask).
+    gqa = groups > 1 and query.device.type == "cpu"
+    if groups > 1 and not gqa:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    out = segment_attention(query, key, value, plan.rows, scale=scaling, dropout=dropout)
+    out = segment_attention(query, key, value, plan.rows, scale=scaling, dropout=dropout,
+                            gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -176,6 +176,10 @@ class DPOConfig(TrainConfig):
     segment_attention: bool = _f("run", True, "with share_prompt/pack and sdpa attention: two "
                                  "causal attention calls per pair instead of one masked call "
                                  "per row, and one row per micro-batch (exact)")
+    keep_activations: bool = _f("run", True, "with chunked_logps: before a step's first "
+                                "backward, keep the output layer's logits and the last blocks' "
+                                "activations in the memory its gradients will take, instead of "
+                                "recomputing them in backward (exact; same peak)")
 
     def _check(self) -> None:
         super()._check()

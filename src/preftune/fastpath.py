@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attention
+from . import attention, recompute
 from .attention import Segment
 from .data.collate import collate_pairs
 from .logprobs import IGNORE_INDEX, PairLogps, concatenated_logps
@@ -168,11 +168,13 @@ def supports_fastpath(
 class _ChunkedTargetLogp(torch.autograd.Function):
     """log softmax(hidden @ W.T + b)[target] per row, chunk by chunk; logits recomputed in backward.
 
-    Saved for backward: hidden [N, H], weight, bias, targets [N] and logsumexp [N]; never logits.
+    Saved for backward: hidden [N, H], weight, bias, targets [N] and logsumexp [N], and the
+    float32 logits of the chunks within the first ``keep_rows`` rows (backward turns them into
+    their gradient in place instead of recomputing them); no other logits.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: ANN001
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, keep_rows):  # noqa: ANN001
         device = hidden.device.type
         # backward recomputes the logits under the same autocast state as forward
         ctx.autocast = (device, torch.is_autocast_enabled(device),
@@ -181,14 +183,18 @@ class _ChunkedTargetLogp(torch.autograd.Function):
         n = hidden.shape[0]
         out = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
+        kept = []
+        keep_rows = keep_rows if any(ctx.needs_input_grad[:3]) else 0  # no backward: keep none
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             logits = F.linear(hidden[start:end], weight, bias).to(acc)
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(-1, targets[start:end, None]).squeeze(-1)
             out[start:end] = picked - lse[start:end]
+            if end <= keep_rows:
+                kept.append(logits)
             del logits
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, *kept)
         ctx.chunk_size = chunk_size
         return out
 
@@ -200,19 +206,21 @@ class _ChunkedTargetLogp(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):  # noqa: ANN001
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        # Kept logits are overwritten in place below: a second backward through this graph
+        # fails on their version counter instead of reading gradients as logits.
+        hidden, weight, bias, targets, lse, *kept = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = lse.dtype
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         chunk = ctx.chunk_size
-        for start in range(0, hidden.shape[0], chunk):
+        for i, start in enumerate(range(0, hidden.shape[0], chunk)):
             end = min(start + chunk, hidden.shape[0])
             h = hidden[start:end]
             g = grad_out[start:end].to(acc)[:, None]
             # d logp[target] / d logits = onehot(target) - softmax(logits)
-            dlogits = F.linear(h, weight, bias).to(acc)
+            dlogits = kept[i] if i < len(kept) else F.linear(h, weight, bias).to(acc)
             dlogits.sub_(lse[start:end, None]).exp_().mul_(-g)
             dlogits.scatter_add_(1, targets[start:end, None], g)
             if need_b:
@@ -229,7 +237,7 @@ class _ChunkedTargetLogp(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 class _LookupIntoGrad(torch.autograd.Function):
@@ -280,16 +288,23 @@ def _embed(emb: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
 
 
 def chunked_target_logps(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int = 1024
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    chunk_size: int = 1024,
+    keep_rows: int = 0,
 ) -> Tensor:
     """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]`` for hidden [N, H] -> [N].
 
     Computed ``chunk_size`` rows at a time in float32 (float64 stays float64); backward
-    recomputes each chunk's logits, so memory holds at most one [chunk_size, V] block.
+    recomputes each chunk's logits, so memory holds at most one [chunk_size, V] block, except
+    the chunks within the first ``keep_rows`` rows: their logits are kept from forward to
+    backward (same values, no recompute).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedTargetLogp.apply(hidden, weight, bias, targets, chunk_size)
+    return _ChunkedTargetLogp.apply(hidden, weight, bias, targets, chunk_size, keep_rows)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -536,6 +551,7 @@ def pair_logps(
     pack: bool = True,
     token_budget: int | None = None,
     segments: bool = True,
+    keep_activations: bool = True,
 ) -> PairLogps:
     """Chosen/rejected log-probs of a micro-batch, as ``concatenated_logps`` computes them.
 
@@ -544,8 +560,11 @@ def pair_logps(
     token. ``segments``: with ``share_prompt`` or ``pack`` on an ``sdpa`` model, attend per
     pair segment (:mod:`preftune.attention`) instead of through a 4D mask; packing then puts
     the whole micro-batch in one row (no padding) unless ``token_budget`` is given.
-    Techniques the model cannot use fall back to the plain path with one
-    :class:`FastpathFallbackWarning`.
+    ``keep_activations`` (with ``chunked``): while the trainable parameters have no gradients
+    yet (a step's first micro-batch), keep the output layer's chunk logits and then the last
+    checkpointed blocks' activations for backward instead of recomputing them, up to the
+    gradients' size (:mod:`preftune.recompute`). Techniques the model cannot use fall back to
+    the plain path with one :class:`FastpathFallbackWarning`.
     """
     outer = model  # what the plain path calls: under FSDP only the root gathers parameters
     if hasattr(model, "get_base_model"):  # PEFT: the adapters live inside the model's layers
@@ -594,11 +613,20 @@ def pair_logps(
     if layout.position_ids is not None:
         inputs["position_ids"] = layout.position_ids
     if chunked:
-        hidden = model.base_model(**inputs).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.source)
         head = model.get_output_embeddings()
+        spare = recompute.spare_bytes(outer) if keep_activations and torch.is_grad_enabled() else 0
+        # The output layer's backward runs first and allocates its weight's gradient while
+        # everything kept is alive; then keep its logits first, then whole blocks.
+        if head.weight.requires_grad and head.weight.grad is None:
+            spare = max(0, spare - head.weight.numel() * head.weight.element_size())
+        row = head.weight.shape[0] * torch.promote_types(head.weight.dtype, torch.float32).itemsize
+        rows = layout.targets.numel()
+        keep_rows = rows if rows * row <= spare else spare // row // chunk_size * chunk_size
+        with recompute.keep_last_blocks(model, layout.input_ids.numel(), spare - keep_rows * row):
+            hidden = model.base_model(**inputs).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.source)
         token_logps = chunked_target_logps(hidden, head.weight, head.bias, layout.targets,
-                                           chunk_size)
+                                           chunk_size, keep_rows)
     else:
         logits = model(**inputs).logits
         vocab = logits.shape[-1]
