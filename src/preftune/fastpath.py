@@ -7,8 +7,10 @@ Three techniques, each usable on its own (flags of :func:`pair_logps`):
   chunks of ``chunk_size`` tokens (float32 logsumexp) with an autograd Function that recomputes
   the chunk logits in backward. No ``[B, T, V]`` tensor exists, nothing ``[N, V]`` is saved for
   backward, and only one chunk's ``[chunk_size, V]`` logits (with their float32 copy when the
-  model is in a lower precision) are alive at a time, in forward and in backward. Not for
-  FSDP-sharded models (the body and head weight are used outside the root's forward).
+  model is in a lower precision) are alive at a time, in forward and in backward; the one
+  exception is ``keep_activations``, which keeps chunk logits only in memory the step's
+  gradients have not taken yet (:mod:`preftune.recompute`). Not for FSDP-sharded models (the
+  body and head weight are used outside the root's forward).
 * **share_prompt** -- each pair is one sequence ``[shared prefix, chosen tail, rejected tail]``.
   The shared prefix is the longest common prefix of the chosen and rejected ids (the prompt, or
   more when both responses start alike), so it is computed once. Position ids restart the
