@@ -11,8 +11,8 @@ would have produced, so values and gradients are unchanged.
 
 :func:`spare_bytes` is that free memory; :func:`keep_last_blocks` lets the last checkpointed
 blocks that fit in a budget run without checkpointing for one forward, costing each block by
-what it saved for backward the last time (measured with saved-tensor hooks; before the first
-measurement, a deliberately high estimate from the config).
+the most a kept block has saved for backward per token so far (measured with saved-tensor
+hooks; before the first measurement, a deliberately high estimate from the config).
 """
 
 from __future__ import annotations
