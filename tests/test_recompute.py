@@ -16,8 +16,6 @@ from preftune.models import enable_activation_checkpointing
 
 from .conftest import GPT2_TOKENIZER, HH_HELPFUL, tiny_llama
 
-VOCAB = 50257
-
 
 @pytest.fixture(scope="module")
 def examples():
