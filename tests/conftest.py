@@ -36,6 +36,16 @@ def tiny_gpt2(vocab_size: int = 50257, seed: int = 0, **overrides) -> GPT2LMHead
     return GPT2LMHeadModel(config).eval()
 
 
+def random_head(hidden: int, seed: int = 0):
+    """A float64 output-layer problem: hidden [11, H], weight [13, H] and bias [13] that require
+    grad, and 11 targets (chunked log-prob tests)."""
+    torch.manual_seed(seed)
+    h = torch.randn(11, hidden, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, hidden, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    return h, w, b, torch.randint(0, 13, (11,))
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     return AutoTokenizer.from_pretrained(GPT2_TOKENIZER)

@@ -27,7 +27,7 @@ from preftune.fastpath import (
 )
 from preftune.logprobs import IGNORE_INDEX, concatenated_logps
 
-from .conftest import GPT2_TOKENIZER, HH_HELPFUL, tiny_gpt2, tiny_llama
+from .conftest import GPT2_TOKENIZER, HH_HELPFUL, random_head, tiny_gpt2, tiny_llama
 
 VOCAB = 50257  # GPT-2's: the real token ids
 SMALL_VOCAB = 4096  # the technique x family matrix runs on ids mod 4096: 12x less head work
@@ -386,11 +386,7 @@ def test_chunked_keeps_no_full_vocabulary_tensor(examples):
 
 
 def test_chunked_function_matches_log_softmax_with_bias():
-    torch.manual_seed(0)
-    hidden = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(13, 4, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(13, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 13, (11,))
+    hidden, weight, bias, targets = random_head(4)
     got = chunked_target_logps(hidden, weight, bias, targets, chunk_size=3)
     want = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, targets[:, None])[:, 0]
     torch.testing.assert_close(got, want)

@@ -14,7 +14,7 @@ from preftune.data import read_pairs, tokenize_pair
 from preftune.fastpath import chunked_target_logps, pair_logps
 from preftune.models import enable_activation_checkpointing
 
-from .conftest import GPT2_TOKENIZER, HH_HELPFUL, tiny_llama
+from .conftest import GPT2_TOKENIZER, HH_HELPFUL, random_head, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,7 @@ def _grads(fn, *tensors):
 
 
 def test_kept_chunk_logits_give_identical_values_and_gradients():
-    torch.manual_seed(0)
-    hidden = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(13, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 13, (11,))
+    hidden, weight, bias, targets = random_head(8)
     results = {}
     for keep in (0, 7, 11):  # none; the first two chunks of 3 rows; all four chunks
         saved = []

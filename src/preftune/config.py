@@ -179,7 +179,7 @@ class DPOConfig(TrainConfig):
     keep_activations: bool = _f("run", True, "with chunked_logps: before a step's first "
                                 "backward, keep the output layer's logits and the last blocks' "
                                 "activations in the memory its gradients will take, instead of "
-                                "recomputing them in backward (exact; same peak)")
+                                "recomputing them in backward (exact; peak about unchanged)")
 
     def _check(self) -> None:
         super()._check()
