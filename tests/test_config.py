@@ -38,7 +38,7 @@ DPO_ONLY = {"reference": None, "loss": "dpo", "beta": 0.1, "label_smoothing": 0.
             "reference_free": False, "logps": "sum", "precompute_reference": True,
             "chunked_logps": True, "chunk_size": 256, "share_prompt": True, "pack": True,
             "segment_attention": True, "keep_activations": True,
-            "simpo_gamma": 0.5, "rpo_alpha": 0.0}
+            "simpo_gamma": 0.5, "loss_options": {}, "rpo_alpha": 0.0}
 
 
 def err(cls, args) -> str:

@@ -13,6 +13,7 @@ from preftune.data import collate_pairs
 from preftune.fastpath import FastpathFallbackWarning
 from preftune.logprobs import concatenated_logps
 from preftune.losses import LOSS_KINDS, preference_loss
+from preftune.reference import FrozenReference, NoReference, PrecomputedReference
 from preftune.step import DPOObjective, finalize
 
 from .conftest import tiny_llama
@@ -39,6 +40,11 @@ def _examples(seed: int = 0, n: int = 4) -> list[dict[str, list[int]]]:
 @pytest.fixture(scope="module")
 def models():
     return tiny_llama(VOCAB, seed=0), tiny_llama(VOCAB, seed=1)
+
+
+def _live(objective, model):
+    """``model`` as a live frozen reference of ``objective``."""
+    return FrozenReference(model, objective.sequence_logps)
 
 
 def _logps(model, batch, average):
@@ -68,7 +74,7 @@ def test_reference_based_kinds_match_preference_loss(models, kind, logps):
     batch = collate_pairs(_examples(), 0)
     smoothing = 0.2 if kind == "robust" else 0.0
     objective = DPOObjective(beta=BETA, kind=kind, label_smoothing=smoothing, logps=logps)
-    loss, stats = objective(policy, reference, batch, 4.0)
+    loss, stats = objective(policy, _live(objective, reference), batch, 4.0)
     pol, ref = _logps(policy, batch, logps == "mean"), _logps(reference, batch, logps == "mean")
     expected, r_c, r_r = preference_loss(pol.chosen, pol.rejected, ref.chosen, ref.rejected,
                                          beta=BETA, kind=kind, label_smoothing=smoothing)
@@ -79,7 +85,7 @@ def test_reference_based_kinds_match_preference_loss(models, kind, logps):
     # the same numbers from precomputed reference log-probs carried by the batch
     carried = {**batch, "reference_chosen_logps": ref.chosen,
                "reference_rejected_logps": ref.rejected}
-    loss2, _ = objective(policy, None, carried, 4.0)
+    loss2, _ = objective(policy, PrecomputedReference(None), carried, 4.0)
     torch.testing.assert_close(loss2, loss)
 
 
@@ -90,7 +96,7 @@ def test_simpo_uses_means_and_ignores_the_reference(models):
     assert not objective.needs_reference
     means = _logps(policy, batch, True)
     torch.testing.assert_close(objective.sequence_logps(policy, batch).chosen, means.chosen)
-    loss, stats = objective(policy, None, batch, 4.0)
+    loss, stats = objective(policy, NoReference(), batch, 4.0)
     margin = means.chosen - means.rejected
     expected = -torch.nn.functional.logsigmoid(2.0 * margin - 0.3)
     torch.testing.assert_close(loss.detach(), expected.sum() / 4.0)
@@ -98,7 +104,7 @@ def test_simpo_uses_means_and_ignores_the_reference(models):
     # a reference model or precomputed reference numbers change nothing
     carried = {**batch, "reference_chosen_logps": torch.full((4,), -50.0),
                "reference_rejected_logps": torch.zeros(4)}
-    loss2, stats2 = objective(policy, reference, carried, 4.0)
+    loss2, stats2 = objective(policy, _live(objective, reference), carried, 4.0)
     assert torch.equal(loss2, loss) and stats2 == stats
 
 
@@ -110,8 +116,8 @@ def test_rpo_adds_the_per_token_nll_of_the_chosen_response(models, logps, kind):
     batch = collate_pairs(examples, 0)
     base = DPOObjective(beta=BETA, kind=kind, logps=logps)
     rpo = DPOObjective(beta=BETA, kind=kind, logps=logps, rpo_alpha=0.7)
-    plain_loss, plain_stats = base(policy, reference, batch, 4.0)
-    loss, stats = rpo(policy, reference, batch, 4.0)
+    plain_loss, plain_stats = base(policy, _live(base, reference), batch, 4.0)
+    loss, stats = rpo(policy, _live(rpo, reference), batch, 4.0)
     # the per-token mean NLL, whatever `logps`: by hand from the summed log-probs and counts
     sums = _logps(policy, batch, False).chosen
     counts = torch.tensor([sum(t != -100 for t in ex["chosen_labels"][1:]) for ex in examples])
@@ -131,7 +137,7 @@ def test_rpo_gradient_is_the_nll_gradient(models):
 
     def grads(objective):
         policy.zero_grad()
-        objective(policy, reference, batch, 4.0)[0].backward()
+        objective(policy, _live(objective, reference), batch, 4.0)[0].backward()
         return [p.grad.clone() for p in policy.parameters()]
 
     base = grads(DPOObjective(beta=BETA))
@@ -157,12 +163,12 @@ def test_bco_pair_reward_mean_over_steps(models):
         seen = torch.cat(rewards) if rewards else torch.zeros(0)
         delta = seen.double().mean().item() if rewards else 0.0
         assert objective.reward_mean == pytest.approx(delta, rel=1e-6, abs=1e-12)
-        loss, stats = objective(policy, reference, batch, float(len(r_c)))
+        loss, stats = objective(policy, _live(objective, reference), batch, float(len(r_c)))
         expected = (-torch.nn.functional.logsigmoid(r_c - delta)
                     - torch.nn.functional.logsigmoid(-(r_r - delta)))
         torch.testing.assert_close(loss.detach(), expected.mean(), rtol=1e-5, atol=1e-6)
         if i == 0:  # evaluation calls the objective without after_step: delta stays put
-            objective(policy, reference, batch, 1.0)
+            objective(policy, _live(objective, reference), batch, 1.0)
             assert objective.reward_mean == 0.0
         objective.after_step(stats)
         rewards += [r_c, r_r]
@@ -176,8 +182,8 @@ def test_bco_pair_reward_mean_over_steps(models):
     restored = DPOObjective(beta=BETA, kind="bco_pair")
     restored.load_state_dict(saved)
     assert restored.state_dict() == saved and restored.reward_mean == objective.reward_mean
-    assert torch.equal(restored(policy, reference, steps[0], 4.0)[0],
-                       objective(policy, reference, steps[0], 4.0)[0])
+    assert torch.equal(restored(policy, _live(restored, reference), steps[0], 4.0)[0],
+                       objective(policy, _live(objective, reference), steps[0], 4.0)[0])
     # the state is not a setting: equal objectives, and copies do not share it
     assert restored == DPOObjective(beta=BETA, kind="bco_pair")
     with pytest.raises(ValueError, match="unexpected objective state 'delta'"):
@@ -198,7 +204,8 @@ def test_bco_pair_micro_batches_sum_to_the_full_batch(models):
         policy.zero_grad()
         total, stats = 0.0, Counter()
         for part in parts:
-            loss, micro = objective(policy, reference, collate_pairs(part, 0), 4.0)
+            batch = collate_pairs(part, 0)
+            loss, micro = objective(policy, _live(objective, reference), batch, 4.0)
             loss.backward()
             total += loss.item()
             stats.update(micro)
@@ -225,7 +232,7 @@ def test_stateless_losses_have_empty_state(models):
     batch = collate_pairs(_examples(), 0)
     for kind in ("dpo", "ipo", "robust", "hinge", "simpo"):
         objective = DPOObjective(kind=kind)
-        _, stats = objective(policy, reference, batch, 4.0)
+        _, stats = objective(policy, _live(objective, reference), batch, 4.0)
         objective.after_step(stats)
         assert objective.state_dict() == {}, kind
         objective.load_state_dict({})
@@ -248,8 +255,8 @@ def test_fast_path_gives_the_same_objective(models, kind, logps):
                                   if kind == "bco_pair" else {})
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastpathFallbackWarning)
-        loss, stats = fast_obj(policy, reference, batch, 6.0)
-    plain_loss, plain_stats = plain(policy, reference, batch, 6.0)
+        loss, stats = fast_obj(policy, _live(fast_obj, reference), batch, 6.0)
+    plain_loss, plain_stats = plain(policy, _live(plain, reference), batch, 6.0)
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
     assert stats.keys() == plain_stats.keys() and "nll" in stats
     for key, value in plain_stats.items():

@@ -31,6 +31,8 @@ GROUPS = {"model": "model", "data": "data", "loss": "loss", "opt": "optimization
 _CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 0.5)": lambda v: 0 <= v < 0.5,
            "in [0, 1)": lambda v: 0 <= v < 1}
 REPORT_TO: tuple[str, ...] = ("tensorboard", "wandb")
+# The help of a field that is a registered loss option: the registry (preftune.losses) has it.
+LOSS_OPTION = "(see preftune.losses.OPTIONS)"
 
 
 class ConfigError(ValueError):
@@ -42,6 +44,8 @@ def _f(group: str, default: Any, help: str, check: str | None = None, required: 
     meta = {"help": help, "group": group, "check": check}
     if required:
         return dataclasses.field(metadata={**meta, "required": required})
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -155,12 +159,15 @@ class DPOConfig(TrainConfig):
     """Preference optimisation (DPO, conservative DPO, IPO) against a frozen reference."""
 
     reference: str | None = _f("model", None, "frozen reference; null = same as model")
-    loss: Literal["dpo", "ipo", "robust", "hinge", "simpo", "bco_pair"] = _f(
-        "loss", "dpo", "preference loss (preftune.losses.LOSSES)")
+    loss: str = _f("loss", "dpo", "preference loss: a name registered in preftune.losses")
     beta: float = _f("loss", 0.1, "strength of the KL penalty toward the reference", "> 0")
-    label_smoothing: float = _f("loss", 0.0, "assumed label-flip rate: conservative DPO "
-                                "(loss=dpo) or robust DPO (loss=robust)", "in [0, 0.5)")
-    simpo_gamma: float = _f("loss", 0.5, "SimPO target reward margin (loss=simpo)", ">= 0")
+    # Options of the registered losses (preftune.losses.OPTIONS): default, help and valid
+    # values come from the registry. These two have keys of their own; any other registered
+    # option is a key too (`my_option=0.3`), kept in loss_options.
+    label_smoothing: float = _f("loss", 0.0, LOSS_OPTION)
+    simpo_gamma: float = _f("loss", 0.5, LOSS_OPTION)
+    loss_options: dict = _f("loss", {}, "values of other registered loss options, "
+                            "{name: value}; set each as its own key (name=value)")
     rpo_alpha: float = _f("loss", 0.0, "weight of a per-token NLL term on the chosen response "
                           "added to any loss (RPO); 0 = off", ">= 0")
     reference_free: bool = _f("loss", False, "ignore the reference (uniform reference)")
@@ -183,9 +190,30 @@ class DPOConfig(TrainConfig):
 
     def _check(self) -> None:
         super()._check()
-        if self.label_smoothing > 0 and self.loss not in ("dpo", "robust"):
-            raise ConfigError(f"label_smoothing: only applies to loss=dpo or robust, got "
-                              f"loss={self.loss}")
+        from . import losses  # the registry (needs torch): only when a dpo config is built
+
+        if self.loss not in losses.LOSSES and str(self.loss).lower() in losses.LOSSES:
+            self.loss = self.loss.lower()
+        for name in self.loss_options:
+            if name not in losses.OPTIONS or not losses.OPTIONS[name].config:
+                raise _unknown(name, type(self))
+        try:
+            losses.check_loss(self.loss, self.beta, self.loss_values())
+        except losses.UnknownLoss:
+            raise ConfigError(f"loss: expected one of {', '.join(losses.LOSSES)}, got "
+                              f"{_show(self.loss)}") from None
+        except losses.InvalidOption as e:
+            raise ConfigError(f"{e.option.name}: expected a float {e.option.expect}, got "
+                              f"{_show(e.value)}") from None
+        except losses.MisplacedOption as e:
+            raise ConfigError(f"{e.name}: only applies to loss={' or '.join(e.users)}, got "
+                              f"loss={self.loss}") from None
+
+    def loss_values(self) -> dict[str, float]:
+        """Every registered loss option set here: the two with keys of their own and
+        ``loss_options``."""
+        return {"label_smoothing": self.label_smoothing, "simpo_gamma": self.simpo_gamma,
+                **self.loss_options}
 
 
 _STAGES: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
@@ -217,6 +245,12 @@ def _coerce(f: dataclasses.Field, tp: Any, v: Any) -> Any:
         if isinstance(v, str) and v.lower() in choices:
             return v.lower()
         raise ConfigError(f"{f.name}: expected one of {', '.join(choices)}, got {_show(v)}")
+    if tp is dict:  # loss_options: {name: number}; names and ranges are the registry's
+        if isinstance(v, Mapping) and all(isinstance(k, str) for k in v):
+            return {k: _coerce(dataclasses.field(metadata={"check": None}), float, x)
+                    for k, x in v.items()}
+        raise ConfigError(f"{f.name}: expected a mapping of option name to number, got "
+                          f"{_show(v)}")
     want = {bool: "true or false", int: "an int", float: "a float", str: "a string"}[tp]
     out = v if isinstance(v, tp) and not (tp is not bool and isinstance(v, bool)) else None
     if tp is str and isinstance(v, bool):  # `resume: true` in YAML reads as a bool
@@ -280,6 +314,9 @@ def load_config(cls: type[C], yaml_path: str | os.PathLike | None = None,
     from_file = _read_yaml(yaml_path) if yaml_path is not None else {}
     values = {**from_file, **(overrides or {})}
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "loss_options" in fields:  # a registered loss option without a field of its own
+        for key in [k for k in values if k not in fields and _is_loss_option(k)]:
+            values["loss_options"] = {**(values.get("loss_options") or {}), key: values.pop(key)}
     hints = typing.get_type_hints(cls)
     for key, v in values.items():
         source = f"{yaml_path}: " if key in from_file and key not in (overrides or {}) else ""
@@ -293,6 +330,12 @@ def load_config(cls: type[C], yaml_path: str | os.PathLike | None = None,
         if "required" in f.metadata and values.get(f.name) is None:
             raise ConfigError(f"{f.name}: required ({f.metadata['required']})")
     return cls(**values)
+
+
+def _is_loss_option(key: str) -> bool:
+    from .losses import OPTIONS  # the registry needs torch: only for keys no field has
+
+    return key in OPTIONS and OPTIONS[key].config
 
 
 def parse_config(cls: type[C], args: Sequence[str]) -> C:
@@ -333,17 +376,21 @@ def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
 
 
 def config_help(cls: type[TrainConfig]) -> str:
-    """Every key with its type, default and meaning, in aligned columns grouped by topic."""
+    """Every key with its type, default and meaning, in aligned columns grouped by topic; the
+    loss names and options of a dpo config come from the loss registry."""
     hints = typing.get_type_hints(cls)
+    registry = _loss_registry_rows(cls)
     rows: dict[str, list[tuple[str, ...]]] = {}
     for f in _fields(cls):
         tp, optional = _split_optional(hints[f.name])
-        default = "(required)" if "required" in f.metadata else _show(f.default).strip("'")
+        default = ("(required)" if "required" in f.metadata else "{}" if tp is dict
+                   else _show(f.default).strip("'"))
         kind, text = getattr(tp, "__name__", ""), f.metadata["help"]
         if typing.get_origin(tp) is Literal:
             kind, text = "choice", f"{text} [{', '.join(typing.get_args(tp))}]"
-        rows.setdefault(f.metadata["group"], []).append(
-            (f.name, kind + "|null" * optional, default, text))
+        row = registry.pop(f.name, None) or (f.name, kind + "|null" * optional, default, text)
+        rows.setdefault(f.metadata["group"], []).append(row)
+    rows.setdefault("loss", []).extend(registry.values())  # options without a field
     widths = [max(len(r[i]) for g in rows.values() for r in g) for i in range(3)]
     out = [f"{cls.__name__} keys (YAML file and/or key=value; key=value wins):"]
     for group, group_rows in rows.items():
@@ -351,3 +398,18 @@ def config_help(cls: type[TrainConfig]) -> str:
         out += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3]
                 for r in group_rows]
     return "\n".join(out)
+
+
+def _loss_registry_rows(cls: type[TrainConfig]) -> dict[str, tuple[str, ...]]:
+    """Help rows of the `loss` key and of every registered loss option (dpo configs only)."""
+    if "loss_options" not in {f.name for f in dataclasses.fields(cls)}:
+        return {}
+    from .losses import LOSSES, OPTIONS
+
+    rows = {"loss": ("loss", "choice", "dpo", f"preference loss [{', '.join(LOSSES)}]")}
+    for name, option in OPTIONS.items():
+        users = [k for k, spec in LOSSES.items() if name in spec.options]
+        if option.config:
+            rows[name] = (name, "float", _show(option.default),
+                          f"{option.help} [{option.expect}; loss={', '.join(users) or '-'}]")
+    return rows

@@ -4,7 +4,10 @@ Notation (all per pair): pc, pr are the policy's log-probs of the chosen and rej
 responses, rc, rr the reference's, and h = (pc - pr) - (rc - rr) the log-ratio margin.
 
 Adding a loss means writing one function and registering it with :func:`register_loss`; it
-is then a valid ``kind`` of :func:`preference_loss` (and of ``preftune.step.DPOObjective``).
+is then a valid ``kind`` of :func:`preference_loss`, of ``preftune.step.DPOObjective`` and of
+``preftune dpo loss=NAME``. Its hyperparameters are registered options (:func:`register_option`:
+default, meaning, valid values), which become keys of the ``dpo`` stage; the config, the loss
+object and ``preference_loss`` validate them through this registry only.
 A registered function gets ``beta`` and the options it declares as keywords, and either the
 margin h (``margin=True``, the default) or the chosen and rejected log-ratios pc - rc and
 pr - rr (``margin=False``). When the reference is not used (``reference_free``, or a loss
@@ -17,16 +20,76 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The options preference_loss passes on to the losses that declare them, with their defaults.
-OPTION_DEFAULTS: Mapping[str, float] = MappingProxyType(
-    {"label_smoothing": 0.0, "simpo_gamma": 0.5, "bco_delta": 0.0}
-)
+
+@dataclass(frozen=True)
+class LossOption:
+    """A hyperparameter that registered losses may declare: its default, meaning and valid
+    values, shared by every loss that declares it. ``config`` options are keys of the
+    ``dpo`` stage (``preftune dpo NAME=VALUE``, listed in ``--help``); the others are inputs a
+    loss's state supplies (bco_pair's running reward mean)."""
+
+    name: str
+    default: float
+    help: str
+    valid: Callable[[float], bool]
+    expect: str  # what ``valid`` accepts, for messages: "in [0, 0.5)"
+    config: bool = True
+
+
+OPTIONS: dict[str, LossOption] = {}
+
+
+def register_option(name: str, default: float, help: str, valid: Callable[[float], bool],
+                    expect: str, *, config: bool = True) -> LossOption:
+    """Declare a loss hyperparameter (see ``LossOption``); losses then name it in
+    ``register_loss(options=...)``."""
+    if not name.isidentifier():
+        raise ValueError(f"a loss option name must be an identifier, got {name!r}")
+    if name in OPTIONS:
+        raise ValueError(f"a loss option named {name!r} is already registered")
+    OPTIONS[name] = option = LossOption(name, float(default), help, valid, expect, config)
+    return option
+
+
+register_option("label_smoothing", 0.0, "assumed label-flip rate: conservative DPO with dpo, "
+                "the de-biased loss with robust", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)")
+register_option("simpo_gamma", 0.5, "SimPO target reward margin",
+                lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
+register_option("bco_delta", 0.0, "BCO reward shift: the running mean of past rewards",
+                math.isfinite, "finite", config=False)
+
+
+class RewardMean:
+    """Loss state: the mean of every chosen and rejected reward of the optimizer steps so far
+    (0 before the first), supplied to the loss as ``bco_delta`` (BCO's reward shift)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0.0
+
+    def inputs(self) -> dict[str, float]:
+        return {"bco_delta": self.total / self.count if self.count else 0.0}
+
+    def update(self, stats: Mapping[str, float]) -> None:
+        """Fold one step's summed statistics in; a step whose rewards are not finite is left
+        out."""
+        total = float(stats["rewards/chosen"]) + float(stats["rewards/rejected"])
+        if math.isfinite(total):
+            self.total += total
+            self.count += 2.0 * float(stats["pairs"])
+
+    def state_dict(self) -> dict[str, float]:
+        return {"reward_sum": self.total, "reward_count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.total = float(state.get("reward_sum", 0.0))
+        self.count = float(state.get("reward_count", 0.0))
 
 
 @dataclass(frozen=True)
@@ -38,8 +101,8 @@ class LossSpec:
     loss defined without a reference model (its reference terms are 0 and reference
     log-probs are ignored). ``length_normalized`` means the loss is defined on per-token mean
     log-probs, whatever the ``logps`` setting (``DPOObjective`` then computes means).
-    ``options`` maps a ``preference_loss`` keyword (see ``OPTION_DEFAULTS``) to the keyword
-    of ``fn`` that receives it.
+    ``options`` maps a registered option (``OPTIONS``) to the keyword of ``fn`` that receives
+    it. ``state``, when given, makes the state object a ``PreferenceLoss`` keeps across steps.
     """
 
     name: str
@@ -48,6 +111,7 @@ class LossSpec:
     needs_reference: bool = True
     length_normalized: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
+    state: Callable[[], Any] | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -65,21 +129,24 @@ def register_loss(
     needs_reference: bool = True,
     length_normalized: bool = False,
     options: Mapping[str, str] | Iterable[str] = (),
+    state: Callable[[], Any] | None = None,
 ) -> Callable[[_Fn], _Fn]:
     """Decorator registering a per-pair loss function under ``name`` (see ``LossSpec``).
 
-    ``options`` lists the ``preference_loss`` keywords the function takes: a mapping to the
-    function's own keyword names, or an iterable of names the function uses as they are.
+    ``options`` lists the registered options (``register_option``) the function takes: a
+    mapping to the function's own keyword names, or an iterable of names it uses as they are.
+    The loss is then ``preftune dpo loss=NAME``, with its options as keys.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a loss name must be a non-empty string, got {name!r}")
     if name in LOSSES:
         raise ValueError(f"a loss named {name!r} is already registered")
     mapping = dict(options) if isinstance(options, Mapping) else {o: o for o in options}
-    unknown = sorted(set(mapping) - set(OPTION_DEFAULTS))
+    unknown = sorted(set(mapping) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown loss option(s) {', '.join(map(repr, unknown))}; "
-                         f"preference_loss passes {', '.join(OPTION_DEFAULTS)}")
+                         f"preference_loss passes {', '.join(OPTIONS)} (register_option "
+                         "declares more)")
 
     def decorator(fn: _Fn) -> _Fn:
         global LOSS_KINDS
@@ -87,7 +154,7 @@ def register_loss(
             raise TypeError(f"loss {name!r}: {fn!r} is not callable")
         LOSSES[name] = LossSpec(name, fn, margin=margin, needs_reference=needs_reference,
                                 length_normalized=length_normalized,
-                                options=MappingProxyType(mapping))
+                                options=MappingProxyType(mapping), state=state)
         LOSS_KINDS = tuple(LOSSES)
         return fn
 
@@ -99,7 +166,51 @@ def loss_spec(kind: str) -> LossSpec:
     try:
         return LOSSES[kind]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown loss kind {kind!r}; known: {', '.join(LOSSES)}") from None
+        raise UnknownLoss(f"unknown loss kind {kind!r}; known: {', '.join(LOSSES)}") from None
+
+
+class UnknownLoss(ValueError):
+    """A loss name that is not registered."""
+
+
+class InvalidOption(ValueError):
+    """A loss option's value outside what it accepts; ``option`` says what it accepts."""
+
+    def __init__(self, option: LossOption, value: float) -> None:
+        super().__init__(f"{option.name} must be {option.expect}, got {value}")
+        self.option, self.value = option, value
+
+
+class MisplacedOption(ValueError):
+    """An option set away from its default for a loss that does not declare it; ``users``
+    are the losses that do, in registration order."""
+
+    def __init__(self, name: str, kind: str) -> None:
+        self.name, self.kind = name, kind
+        self.users = [k for k, s in LOSSES.items() if name in s.options]
+        # latest registered first, so the original "kind='dpo' only" reads last
+        listed = " or ".join(f"kind={k!r}" for k in reversed(self.users)) or "no registered kind"
+        super().__init__(f"{name} applies to {listed} only, got kind={kind!r}")
+
+
+def check_loss(kind: str, beta: float, options: Mapping[str, float]) -> LossSpec:
+    """Validate a loss and its options once (config time, or building a ``PreferenceLoss``):
+    a known kind, beta > 0, every option registered and valid, and an option set away from its
+    default only for a loss that declares it. Returns the loss's spec."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    for name, value in options.items():
+        if name not in OPTIONS:
+            raise ValueError(f"unknown loss option {name!r}; known: {', '.join(OPTIONS)}")
+        if not OPTIONS[name].valid(value):
+            raise InvalidOption(OPTIONS[name], value)
+    if kind not in LOSSES:
+        raise UnknownLoss(f"unknown loss kind {kind!r}; known: {', '.join(LOSSES)}")
+    spec = LOSSES[kind]
+    for name, value in options.items():
+        if name not in spec.options and value != OPTIONS[name].default:
+            raise MisplacedOption(name, kind)
+    return spec
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -168,7 +279,7 @@ def simpo_loss(h: Tensor, beta: float, gamma: float = 0.5) -> Tensor:
     return -F.logsigmoid(beta * h - gamma)
 
 
-@register_loss("bco_pair", margin=False, options={"bco_delta": "delta"})
+@register_loss("bco_pair", margin=False, options={"bco_delta": "delta"}, state=RewardMean)
 def bco_pair_loss(chosen: Tensor, rejected: Tensor, beta: float, delta: float = 0.0) -> Tensor:
     """BCO on pairs, Jung et al. 2024, "Binary Classifier Optimization for Large Language
     Model Alignment" (arXiv:2404.04656): each response is classified on its own,
@@ -202,30 +313,37 @@ def rpo_nll(chosen_logps: Tensor, chosen_tokens: Tensor | None) -> Tensor:
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _check(
-    tensors: dict[str, Tensor | None], beta: float, kind: str, options: Mapping[str, float]
-) -> LossSpec:
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    label_smoothing = options["label_smoothing"]
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if not (math.isfinite(options["simpo_gamma"]) and options["simpo_gamma"] >= 0):
-        raise ValueError(f"simpo_gamma must be finite and >= 0, got {options['simpo_gamma']}")
-    if not math.isfinite(options["bco_delta"]):
-        raise ValueError(f"bco_delta must be finite, got {options['bco_delta']}")
-    spec = loss_spec(kind)
-    for name, value in options.items():
-        if name not in spec.options and value != OPTION_DEFAULTS[name]:
-            # latest registered first, so the original "kind='dpo' only" reads last
-            users = [k for k, s in reversed(LOSSES.items()) if name in s.options]
-            listed = " or ".join(f"kind={k!r}" for k in users) or "no registered kind"
-            raise ValueError(f"{name} applies to {listed} only, got kind={kind!r}")
-    shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
+def _check_shapes(tensors: dict[str, Tensor]) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) > 1:
         listed = ", ".join(f"{n}={s}" for n, s in shapes.items())
         raise ValueError(f"log-prob tensors must have the same shape, got {listed}")
-    return spec
+
+
+def _apply(
+    spec: LossSpec, pc: Tensor, pr: Tensor, rc: Tensor | None, rr: Tensor | None, *,
+    beta: float, reference_free: bool, options: Mapping[str, float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss of validated settings (see ``preference_loss``); no argument checks."""
+    if not spec.needs_reference:
+        rc = rr = None
+    if rc is None or rr is None:
+        if spec.needs_reference and not reference_free:
+            raise ValueError("reference log-probs are required unless reference_free=True")
+        rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
+    _check_shapes({"policy_chosen_logps": pc, "policy_rejected_logps": pr,
+                   "reference_chosen_logps": rc, "reference_rejected_logps": rr})
+    dtype = _compute_dtype(pc, pr, rc, rr)
+    pc, pr, rc, rr = pc.to(dtype), pr.to(dtype), rc.to(dtype), rr.to(dtype)
+    free = reference_free or not spec.needs_reference
+    kwargs = {spec.options[name]: options[name] for name in spec.options}
+    if spec.margin:
+        h = pc - pr if free else (pc - pr) - (rc - rr)
+        losses = spec.fn(h, beta=beta, **kwargs)
+    else:
+        chosen, rejected = (pc, pr) if free else (pc - rc, pr - rr)
+        losses = spec.fn(chosen, rejected, beta=beta, **kwargs)
+    return losses, (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
 
 
 def preference_loss(
@@ -240,6 +358,7 @@ def preference_loss(
     reference_free: bool = False,
     simpo_gamma: float = 0.5,
     bco_delta: float = 0.0,
+    **options: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair preference losses and implicit rewards.
 
@@ -248,51 +367,58 @@ def preference_loss(
     DPO when ``label_smoothing > 0``; ``"ipo"`` IPO (Eq. 17); ``"robust"`` robust DPO with flip
     rate ``label_smoothing``; ``"hinge"`` the SLiC hinge loss; ``"simpo"`` SimPO with margin
     ``simpo_gamma`` (expects per-token mean log-probs; reference log-probs are ignored and may
-    be None); ``"bco_pair"`` pairwise BCO with reward shift ``bco_delta``. With
-    ``reference_free`` the reference terms of the loss are 0.
+    be None); ``"bco_pair"`` pairwise BCO with reward shift ``bco_delta``. ``options`` are
+    further registered options (``register_option``). With ``reference_free`` the reference
+    terms of the loss are 0.
     Rewards are beta * (policy - reference), detached, and measured against the reference
     whenever one is given, even when ``reference_free`` (it may be None only then, and
     counts as 0); a loss that needs no reference (simpo) ignores it: rewards beta * policy.
     """
-    spec = LOSSES.get(kind) if isinstance(kind, str) else None
-    uses_reference = spec is None or spec.needs_reference
-    if not uses_reference:
-        reference_chosen_logps = reference_rejected_logps = None
-    if reference_chosen_logps is None or reference_rejected_logps is None:
-        if uses_reference and not reference_free:
-            raise ValueError("reference log-probs are required unless reference_free=True")
-        reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
-        reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
-    options = {"label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma,
-               "bco_delta": bco_delta}
-    spec = _check(
-        {
-            "policy_chosen_logps": policy_chosen_logps,
-            "policy_rejected_logps": policy_rejected_logps,
-            "reference_chosen_logps": reference_chosen_logps,
-            "reference_rejected_logps": reference_rejected_logps,
-        },
-        beta,
-        kind,
-        options,
-    )
-    dtype = _compute_dtype(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-    )
-    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
-    rc, rr = reference_chosen_logps.to(dtype), reference_rejected_logps.to(dtype)
+    values = {**{n: o.default for n, o in OPTIONS.items()}, "label_smoothing": label_smoothing,
+              "simpo_gamma": simpo_gamma, "bco_delta": bco_delta, **options}
+    spec = check_loss(kind, beta, values)
+    return _apply(spec, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                  reference_rejected_logps, beta=beta, reference_free=reference_free,
+                  options=values)
 
-    free = reference_free or not spec.needs_reference
-    kwargs = {spec.options[name]: options[name] for name in spec.options}
-    if spec.margin:
-        h = pc - pr if free else (pc - pr) - (rc - rr)
-        losses = spec.fn(h, beta=beta, **kwargs)
-    else:
-        chosen, rejected = (pc, pr) if free else (pc - rc, pr - rr)
-        losses = spec.fn(chosen, rejected, beta=beta, **kwargs)
-    chosen_rewards = (beta * (pc - rc)).detach()
-    rejected_rewards = (beta * (pr - rr)).detach()
-    return losses, chosen_rewards, rejected_rewards
+
+class PreferenceLoss:
+    """A registered loss with its settings, validated once when built, and its state (if the
+    loss keeps one, such as bco_pair's running reward mean), checkpointed through
+    ``state_dict``. Calling it computes what ``preference_loss`` does, without re-checking."""
+
+    def __init__(self, kind: str = "dpo", *, beta: float = 0.1, reference_free: bool = False,
+                 **options: float) -> None:
+        values = {n: o.default for n, o in OPTIONS.items()}
+        values.update(options)
+        self.spec = check_loss(kind, beta, values)
+        self.beta, self.reference_free = beta, reference_free
+        self.options = {n: float(values[n]) for n in self.spec.options}
+        self.state = self.spec.state() if self.spec.state is not None else None
+
+    def __call__(self, pc: Tensor, pr: Tensor, rc: Tensor | None,
+                 rr: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        options = {**self.options, **(self.state.inputs() if self.state is not None else {})}
+        return _apply(self.spec, pc, pr, rc, rr, beta=self.beta,
+                      reference_free=self.reference_free, options=options)
+
+    def after_step(self, stats: Mapping[str, float]) -> None:
+        """Fold one optimizer step's summed statistics (all micro-batches and processes) into
+        the state; evaluation does not call it."""
+        if self.state is not None:
+            self.state.update(stats)
+
+    def state_dict(self) -> dict[str, float]:
+        return self.state.state_dict() if self.state is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        unknown = sorted(set(state) - set(self.state_dict()))
+        if unknown:
+            raise ValueError(f"unexpected objective state {', '.join(map(repr, unknown))} for "
+                             f"loss {self.spec.name!r} (expected: "
+                             f"{', '.join(sorted(self.state_dict())) or 'none'})")
+        if self.state is not None:
+            self.state.load_state_dict(state)
 
 
 def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, float]:

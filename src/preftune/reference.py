@@ -1,19 +1,28 @@
-"""The reference's log-probs, precomputed once and cached on disk.
+"""The frozen reference a preference objective compares the policy with: one interface.
 
-The reference is frozen, so its log-probs of each pair never change during training: one
-batched no-grad pass before training replaces a reference forward at every step, and the
-reference model can be freed. The cache key covers everything the numbers depend on: the
-reference weights, the exact token ids and labels of every pair (hence the tokenizer, the data
-and the truncation settings), the length normalisation and the dtype.
+``Reference.logps(batch)`` gives the reference's chosen and rejected log-probs of a micro-batch
+(None when the objective has no reference) and ``Reference.sample(generate)`` its completions
+of the held-out prompts, taken once since the reference never changes. Four kinds, chosen once
+in setup (``preftune.train.build_reference``): log-probs precomputed before training and
+carried by the pairs, the policy with its LoRA adapters bypassed, a separate frozen model, or
+none (reference-free losses, SimPO).
+
+Precomputing: the reference is frozen, so its log-probs of each pair never change during
+training: one batched no-grad pass before training replaces a reference forward at every
+step, and the reference model can be freed. The on-disk cache key covers everything the
+numbers depend on: the reference weights, the exact token ids and labels of every pair (hence
+the tokenizer, the data and the truncation settings), the length normalisation and the dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,9 +30,79 @@ from tqdm.auto import tqdm
 
 from .distributed import World, share
 from .logprobs import PairLogps, concatenated_logps
+from .lora import reference_view
 
 Example = dict[str, list[int]]
 KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+CARRIED = ("reference_chosen_logps", "reference_rejected_logps")  # what attach adds
+Logps = Callable[[torch.nn.Module, dict], PairLogps]  # a batch's log-probs under a model
+Generate = Callable[[torch.nn.Module], list[str]]  # a model's completions of fixed prompts
+
+
+class Reference(Protocol):
+    def logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The reference's chosen and rejected log-probs of ``batch`` (no gradients), or None
+        for no reference."""
+        ...
+
+    def sample(self, generate: Generate) -> list[str] | None:
+        """The reference's completions (``generate`` applied to it), or None."""
+        ...
+
+
+class NoReference:
+    """Reference-free objectives: no model, no numbers; rewards are measured against 0."""
+
+    def logps(self, batch: dict) -> None:
+        return None
+
+    def sample(self, generate: Generate) -> None:
+        return None
+
+
+class PrecomputedReference:
+    """Log-probs computed once before training and carried by every pair (``attach``); the
+    completions were taken then too, and the model freed."""
+
+    def __init__(self, samples: list[str] | None) -> None:
+        self.samples = samples
+
+    def logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch[CARRIED[0]], batch[CARRIED[1]]
+
+    def sample(self, generate: Generate) -> list[str] | None:
+        return self.samples
+
+
+class FrozenReference:
+    """A frozen model run live on each micro-batch, with the objective's log-prob function."""
+
+    def __init__(self, model: torch.nn.Module, logps: Logps) -> None:
+        self.model, self._logps = model, logps
+        self._samples: list[str] | None = None
+
+    def _view(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._view():
+            out = self._logps(self.model, batch)
+        return out.chosen, out.rejected
+
+    def sample(self, generate: Generate) -> list[str]:
+        if self._samples is None:  # the reference never changes: sample it once
+            with self._view():
+                self._samples = generate(self.model)
+        return self._samples
+
+
+class AdapterOffReference(FrozenReference):
+    """LoRA: the policy itself with its adapters bypassed, so no second copy of the weights
+    (PEFT starts the adapters at zero, so at step 0 it equals the policy)."""
+
+    def _view(self) -> contextlib.AbstractContextManager:
+        return reference_view(self.model)
 
 
 def weights_digest(model: torch.nn.Module) -> bytes:

@@ -10,29 +10,35 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from .fastpath import pair_logps
 from .logprobs import IGNORE_INDEX, PairLogps, concatenated_logps, sequence_logps
-from .losses import LossSpec, loss_spec, preference_loss, rpo_nll
+from .losses import LossSpec, PreferenceLoss, rpo_nll
+from .reference import Reference
+
+if TYPE_CHECKING:
+    from .config import DPOConfig
 
 
 @dataclass(frozen=True)
 class DPOObjective:
     """The settings that define a preference objective (see ``preference_loss``).
 
-    ``kind`` is any registered loss (``preftune.losses.LOSSES``). ``rpo_alpha > 0`` adds RPO's
-    per-token NLL of the chosen response, ``rpo_alpha * nll``, to every pair's loss. Losses
-    that take ``bco_delta`` (bco_pair) keep a running mean of past rewards as ``state``: every
-    micro-batch of a step uses the value from before the step, and ``after_step`` (once per
-    optimizer step, with the step's summed statistics) folds the step's rewards in; evaluation
-    does not call it. When ``needs_reference`` is False (``reference_free``, or a loss without
-    a reference such as simpo) a reference model or precomputed reference log-probs passed in
-    are ignored, and the rewards are beta * the policy's log-probs.
+    ``kind`` is any registered loss (``preftune.losses.LOSSES``) and ``options`` the values of
+    registered options other than ``label_smoothing`` and ``simpo_gamma``; they are checked
+    once, here, into ``loss`` (a ``PreferenceLoss``, which also holds the state of stateful
+    losses such as bco_pair's running reward mean: every micro-batch of a step uses the value
+    from before the step, ``after_step`` folds the step in, evaluation does not call it).
+    ``rpo_alpha > 0`` adds RPO's per-token NLL of the chosen response, ``rpo_alpha * nll``, to
+    every pair's loss. When ``needs_reference`` is False (``reference_free``, or a loss
+    without a reference such as simpo) the reference is not asked, and the rewards are
+    beta * the policy's log-probs.
     """
 
     beta: float = 0.1
@@ -44,19 +50,31 @@ class DPOObjective:
     fast: dict | None = None
     simpo_gamma: float = 0.5
     rpo_alpha: float = 0.0
-    # Mutable state of stateful losses (see state_dict); not part of the settings.
-    state: dict[str, float] = field(default_factory=dict, init=False, compare=False, repr=False)
+    options: Mapping[str, float] = field(default_factory=dict)
+    # The loss with its checked settings and its state (see state_dict); not a setting.
+    loss: PreferenceLoss = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        loss_spec(self.kind)  # unknown kinds fail here, not at the first step
         if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
             raise ValueError(f"rpo_alpha must be finite and >= 0, got {self.rpo_alpha}")
         if self.logps not in ("sum", "mean"):
             raise ValueError(f"logps must be 'sum' or 'mean', got {self.logps!r}")
+        loss = PreferenceLoss(self.kind, beta=self.beta, reference_free=self.reference_free,
+                              label_smoothing=self.label_smoothing,
+                              simpo_gamma=self.simpo_gamma, **self.options)
+        object.__setattr__(self, "loss", loss)
+
+    @classmethod
+    def from_config(cls, cfg: DPOConfig, fast: dict | None = None) -> DPOObjective:
+        extra = {k: v for k, v in cfg.loss_values().items()
+                 if k not in ("label_smoothing", "simpo_gamma")}
+        return cls(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
+                   reference_free=cfg.reference_free, logps=cfg.logps, fast=fast,
+                   simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha, options=extra)
 
     @property
     def spec(self) -> LossSpec:
-        return loss_spec(self.kind)
+        return self.loss.spec
 
     @property
     def needs_reference(self) -> bool:
@@ -70,44 +88,25 @@ class DPOObjective:
         return self.logps == "mean" or self.spec.length_normalized
 
     @property
-    def _tracks_rewards(self) -> bool:
-        return "bco_delta" in self.spec.options
-
-    @property
     def reward_mean(self) -> float:
-        """Mean of every chosen and rejected reward of the steps so far (0 before the first):
-        the bco_pair reward shift delta."""
-        count = self.state.get("reward_count", 0.0)
-        return self.state.get("reward_sum", 0.0) / count if count else 0.0
+        """bco_pair's reward shift delta: the mean of every chosen and rejected reward of the
+        steps so far (0 before the first)."""
+        state = self.loss.state
+        return state.inputs()["bco_delta"] if state is not None else 0.0
 
     def state_dict(self) -> dict[str, float]:
-        """The objective's state, for checkpoints: {} for stateless losses."""
-        if not self._tracks_rewards:
-            return {}
-        return {"reward_sum": float(self.state.get("reward_sum", 0.0)),
-                "reward_count": float(self.state.get("reward_count", 0.0))}
+        """The loss's state, for checkpoints: {} for stateless losses."""
+        return self.loss.state_dict()
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         """Restore ``state_dict()`` output; missing keys take their initial value."""
-        known = set(self.state_dict())
-        unknown = sorted(set(state) - known)
-        if unknown:
-            raise ValueError(f"unexpected objective state {', '.join(map(repr, unknown))} for "
-                             f"loss {self.kind!r} (expected: {', '.join(sorted(known)) or 'none'})")
-        self.state.clear()
-        self.state.update({k: float(v) for k, v in state.items()})
+        self.loss.load_state_dict(state)
 
     def after_step(self, stats: Counter) -> None:
-        """Fold one optimizer step's summed statistics into the state (all micro-batches, and
-        all processes when distributed: call it on every rank with the same sums). A step
-        whose reward sums are not finite is left out."""
-        if not self._tracks_rewards:
-            return
-        total = float(stats["rewards/chosen"]) + float(stats["rewards/rejected"])
-        if not math.isfinite(total):
-            return
-        self.state["reward_sum"] = self.state.get("reward_sum", 0.0) + total
-        self.state["reward_count"] = self.state.get("reward_count", 0.0) + 2.0 * stats["pairs"]
+        """Fold one optimizer step's summed statistics into the loss's state (all
+        micro-batches, and all processes when distributed: call it on every rank with the
+        same sums)."""
+        self.loss.after_step(stats)
 
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
         """Chosen and rejected log-probs of a collated micro-batch under ``model``."""
@@ -118,26 +117,14 @@ class DPOObjective:
     def __call__(
         self,
         policy: torch.nn.Module,
-        reference: torch.nn.Module | None,
+        reference: Reference,
         batch: dict[str, Tensor],
         denominator: float,
     ) -> tuple[Tensor, Counter]:
-        spec = self.spec
+        # The reference first: its no-grad pass is done before the policy's graph exists.
+        ref = reference.logps(batch) if self.needs_reference else None
         pol = self.sequence_logps(policy, batch)
-        ref_c = ref_r = None
-        if self.needs_reference:  # else the reference (model or numbers) is not used
-            if "reference_chosen_logps" in batch:  # precomputed once (preftune.reference)
-                ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-            elif reference is not None:
-                with torch.no_grad():
-                    ref = self.sequence_logps(reference, batch)
-                ref_c, ref_r = ref.chosen, ref.rejected
-        options = {"simpo_gamma": self.simpo_gamma, "bco_delta": self.reward_mean}
-        losses, r_c, r_r = preference_loss(
-            pol.chosen, pol.rejected, ref_c, ref_r, beta=self.beta, kind=self.kind,
-            label_smoothing=self.label_smoothing, reference_free=self.reference_free,
-            **{k: v for k, v in options.items() if k in spec.options},
-        )
+        losses, r_c, r_r = self.loss(pol.chosen, pol.rejected, *(ref or (None, None)))
         if self.rpo_alpha:
             nll = rpo_nll(pol.chosen, None if self.average else pol.chosen_tokens)
             losses = losses + self.rpo_alpha * nll
@@ -177,7 +164,7 @@ class SFTObjective:
     def __call__(
         self,
         policy: torch.nn.Module,
-        reference: torch.nn.Module | None,
+        reference: Reference,
         batch: dict[str, Tensor],
         denominator: float,
     ) -> tuple[Tensor, Counter]:

@@ -1,13 +1,14 @@
-"""The training loop for both stages (SFT and DPO/IPO), read top to bottom in ``train``.
+"""The training loop for both stages (SFT and DPO-family), read top to bottom.
 
-Components come from the config: data (read -> hold out -> tokenize), models, objective,
-optimizer and schedule. The loop only accumulates micro-batch gradients, clips, steps,
-logs, evaluates and samples; what a loss *is* lives in ``step`` and ``losses``.
+``train`` = ``setup`` (config -> ``TrainState``: data, models, reference, objective, optimizer,
+schedule, counters) + ``fit`` (``train_step`` for each step, then the cadence: log, eval,
+samples, checkpoint) + ``finish`` (last eval, export, report). ``train_step`` is the one place
+an optimizer step happens; what a loss *is* lives in ``step`` and ``losses``, and which
+reference the objective compares with in ``reference``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
@@ -18,9 +19,11 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -47,18 +50,26 @@ from .distributed import (
     sum_across,
 )
 from .evaluate import evaluate, generate
-from .lora import apply_lora, merged, reference_view
+from .lora import apply_lora, merged
 from .memory import memory_releaser
 from .models import (
     cache_dir,
     compile_blocks,
-    disable_dropout,
     enable_activation_checkpointing,
     load_model,
     load_tokenizer,
     save_pretrained,
 )
-from .reference import attach, cached_reference_logps, weights_digest
+from .reference import (
+    AdapterOffReference,
+    FrozenReference,
+    NoReference,
+    PrecomputedReference,
+    Reference,
+    attach,
+    cached_reference_logps,
+    weights_digest,
+)
 from .report import write_report
 from .step import DPOObjective, SFTObjective, finalize
 from .tracking import RunLog, read_jsonl
@@ -75,25 +86,65 @@ class Data:
     eval: list[Example]
     sample_prompts: list[Example]  # tokenized held-out pairs whose prompts are sampled from
     dropped: int  # training pairs left out of the last, incomplete batch of an epoch
-    reference_samples: list[str] | None = None  # the frozen reference's completions, once
 
 
-def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data, tokenizer,
-                         pad_id: int, world: World, objective: DPOObjective) -> None:
-    """Attach the reference's log-probs to every train and eval pair (cached on disk under a
-    fingerprint), and keep its greedy completions of the sample prompts, which never change."""
+Objective = DPOObjective | SFTObjective
+Sampler = Callable[..., list[str]]  # (model, synced=None) -> completions of the sample prompts
+
+
+@dataclass
+class Counters:
+    """Progress of a run; checkpointed, and restored on resume."""
+
+    step: int = 0
+    examples: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    nonfinite_run: int = 0  # non-finite steps in a row
+
+
+@dataclass
+class TrainState:
+    """Everything a run holds between steps, built once by ``setup``."""
+
+    cfg: TrainConfig
+    world: World
+    policy: torch.nn.Module
+    reference: Reference
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    collate: Callable[[list[Example], int], dict]
+    pad_id: int
+    total_steps: int
+    data: Data | None = None
+    out: Path | None = None
+    tokenizer: Any = None
+    log: RunLog | None = None
+    sampler: Sampler | None = None
+    progress: bool = False
+    counters: Counters = field(default_factory=Counters)
+    release: Callable[[], object] = field(default=lambda: None)
+
+
+def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad: int,
+                         world: World, objective: DPOObjective,
+                         generate: Callable | None) -> Reference:
+    """Attach ``model``'s log-probs to every train and eval pair (cached on disk under a
+    fingerprint) and take its completions of the sample prompts: the reference is then
+    numbers, and the model can be freed."""
     def batches(examples):
-        return micro_batches(examples, cfg.micro_batch_size, collate_pairs, pad_id, world.device)
+        return micro_batches(examples, cfg.micro_batch_size, collate_pairs, pad, world.device)
 
     cache = cache_dir() / "reference-logps"
-    was_training = reference.training  # the policy itself may serve as the reference here
-    reference.eval()
-    weights = weights_digest(reference)  # once for both splits
+    was_training = model.training  # the policy itself may serve as the reference here
+    model.eval()
+    weights = weights_digest(model)  # once for both splits
     for name in ("train", "eval"):
         examples = getattr(data, name)
         if not examples:
             continue
-        logps, hit = cached_reference_logps(reference, examples, batches,
+        logps, hit = cached_reference_logps(model, examples, batches,
                                             average=objective.average, cache_dir=cache,
                                             logps=objective.sequence_logps, world=world,
                                             weights=weights)
@@ -101,15 +152,10 @@ def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data,
         if world.main:
             print(f"reference log-probs of {len(examples)} {name} pairs: "
                   f"{'from cache' if hit else 'computed and cached'} ({cache})", file=sys.stderr)
-    if cfg.n_samples and data.sample_prompts and world.main:
-        print(f"sampling {len(data.sample_prompts)} held-out prompts from the reference "
-              f"(greedy, {cfg.max_new_tokens} new tokens) ...", file=sys.stderr)
-        batch = collate_pairs(data.sample_prompts, pad_id)
-        data.reference_samples = generate(
-            reference, tokenizer, batch["prompt_input_ids"].to(world.device),
-            batch["prompt_attention_mask"].to(world.device),
-            max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id)
-    reference.train(was_training)
+    # Only rank 0 samples, from its own unsharded copy: no other rank takes part.
+    samples = generate(model, synced=False) if generate is not None and world.main else None
+    model.train(was_training)
+    return PrecomputedReference(samples)
 
 
 def _stage(cfg: TrainConfig) -> str:
@@ -300,35 +346,287 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
 
 
-def build_models(cfg: TrainConfig, device: torch.device, tokenizer, needs_reference: bool):
-    """The trainable policy and, when the objective needs one, the frozen reference.
+# ----------------------------------------------------------------------------- setup
 
-    When the reference is the policy's own starting point and is needed only before the first
-    update (precomputed log-probs) or through bypassed adapters (LoRA), the policy itself is
-    returned as the reference: no second copy of the weights is loaded."""
-    dtype = _dtype(cfg)
-    policy = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+
+def load_policy(cfg: TrainConfig, device: torch.device, tokenizer) -> torch.nn.Module:
+    """The trainable policy (dropout off, activation checkpointing as configured)."""
+    policy = load_model(cfg.model, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
     vocab = policy.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise ConfigError(f"tokenizer: {len(tokenizer)} tokens, more than the model's "
                           f"vocabulary size {vocab}")
     policy.to(device).train()
-    disable_dropout(policy)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(policy)
-    # Reference-free runs load no reference: their rewards are measured against 0.
-    if not needs_reference:
-        return policy, None
-    if cfg.reference == cfg.model and (cfg.precompute_reference or cfg.lora):
-        return policy, policy
-    reference = load_model(cfg.reference, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    reference.to(device).eval().requires_grad_(False)
-    disable_dropout(reference)
+    return policy
+
+
+def load_frozen(cfg: DPOConfig, device: torch.device, policy: torch.nn.Module) -> torch.nn.Module:
+    """A separate frozen reference model, checked against the policy's vocabulary."""
+    model = load_model(cfg.reference, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    model.to(device).eval().requires_grad_(False)
     p_vocab = policy.get_output_embeddings().weight.shape[0]
-    r_vocab = reference.get_output_embeddings().weight.shape[0]
+    r_vocab = model.get_output_embeddings().weight.shape[0]
     if p_vocab != r_vocab:
         raise ConfigError(f"reference: vocabulary size {r_vocab} differs from model's {p_vocab}")
+    return model
+
+
+def build_models(cfg: TrainConfig, world: World, tokenizer, data: Data, objective: Objective,
+                 generate: Sampler | None) -> tuple[torch.nn.Module, Reference]:
+    """The policy (LoRA-wrapped, sharded, compiled as configured) and its ``Reference``.
+
+    The reference is the policy's own starting point when ``reference`` names the same model:
+    then precomputing it (``precompute_reference``) or bypassing the LoRA adapters needs no
+    second copy of the weights."""
+    policy = load_policy(cfg, world.device, tokenizer)
+    needs = objective.needs_reference
+    same = needs and cfg.reference == cfg.model
+    frozen = load_frozen(cfg, world.device, policy) if needs and not same else None
+    reference: Reference = NoReference()
+    if needs and cfg.precompute_reference:
+        reference = precompute_reference(cfg, frozen or policy, data, pad_id_for(tokenizer),
+                                         world, objective, generate)
+        frozen = None  # the numbers travel with the pairs now: free the model
+        gc.collect()
+    if cfg.lora:
+        policy = apply_lora(policy, cfg)
+        if same and not cfg.precompute_reference:
+            reference = AdapterOffReference(policy, objective.sequence_logps)
+    elif same and not cfg.precompute_reference:  # a live copy of the policy's start
+        frozen = load_frozen(cfg, world.device, policy)
+    policy = shard(policy, world, train=True)
+    if cfg.compile:
+        compile_blocks(policy)
+    if frozen is not None:
+        reference = FrozenReference(shard(frozen, world, train=False), objective.sequence_logps)
     return policy, reference
+
+
+def build_objective(cfg: TrainConfig, pad_id: int) -> tuple[Objective, Callable]:
+    """The stage's objective and the collate function of its micro-batches."""
+    if isinstance(cfg, DPOConfig):
+        return DPOObjective.from_config(cfg, fast_paths(cfg, pad_id)), collate_pairs
+    return SFTObjective(), collate_sft
+
+
+def make_sampler(cfg: TrainConfig, tokenizer, data: Data, pad_id: int,
+                 world: World) -> Sampler | None:
+    """A model's greedy completions of the held-out sample prompts (None: sampling is off)."""
+    if not (cfg.n_samples and data.sample_prompts):
+        return None
+    batch = collate_pairs(data.sample_prompts, pad_id)
+    ids = batch["prompt_input_ids"].to(world.device)
+    mask = batch["prompt_attention_mask"].to(world.device)
+
+    def sample(model: torch.nn.Module, synced: bool | None = None) -> list[str]:
+        """``synced``: keep sharded models in step across processes (default: when
+        distributed); an unsharded model sampled on one rank passes False."""
+        return generate(model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                        pad_token_id=pad_id,
+                        synced=world.distributed if synced is None else synced)
+
+    return sample
+
+
+def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
+    """Everything a run needs, from its resolved config: output folder, data, models and
+    reference, objective, optimizer and schedule, and the state of a resumed run."""
+    out = Path(cfg.output_dir)
+    resume_from = find_resume_point(cfg, out)
+    if world.main:
+        prepare_output_dir(out, resuming=cfg.resume is not None)
+        preflight(cfg, out)
+    barrier(world)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    pad_id = pad_id_for(tokenizer)
+    data = load_data(cfg, tokenizer, out if world.main else None, world.size)
+    objective, collate = build_objective(cfg, pad_id)
+    sampler = make_sampler(cfg, tokenizer, data, pad_id, world)
+    policy, reference = build_models(cfg, world, tokenizer, data, objective, sampler)
+    optimizer = build_optimizer(cfg, policy)
+    total_steps = cfg.max_steps or len(data.train) // cfg.batch_size * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.scheduler))
+    state = TrainState(cfg, world, policy, reference, objective, optimizer, scheduler, collate,
+                       pad_id, total_steps, data, out, tokenizer,
+                       sampler=sampler, progress=progress,
+                       release=memory_releaser(cfg.release_memory, world.device))
+    if resume_from is not None:
+        restore(state, resume_from)
+    if world.main:
+        if cfg.resume is not None:
+            truncate_logs(out, state.counters.step)
+        if resume_from is not None:  # finish a prune the crash interrupted
+            prune_checkpoints(out, cfg.keep_checkpoints)
+        dump_config(cfg, out / "config.yaml")
+    state.log = RunLog(out, total_steps, _stage(cfg), state.counters.step, progress,
+                       enabled=world.main, report_to=cfg.report_sinks(),
+                       config=config_to_dict(cfg))
+    return state
+
+
+def restore(state: TrainState, checkpoint: Path) -> None:
+    """Weights, optimizer, schedule, loss state, RNG and counters of a checkpoint."""
+    saved = load_checkpoint(checkpoint, state.policy, state.optimizer)
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.objective.load_state_dict(saved.get("objective", {}))
+    set_rng_state(saved["rng"])
+    state.counters = Counters(**saved["counters"])
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def micro_batches_of(state: TrainState, examples: list[Example]) -> Iterator[dict]:
+    """This rank's share of ``examples`` as collated micro-batches on the device."""
+    return micro_batches(share(examples, state.world), state.cfg.micro_batch_size,
+                         state.collate, state.pad_id, state.world.device)
+
+
+def train_step(state: TrainState, examples: list[Example]) -> dict[str, Any]:
+    """One optimizer step on the global batch ``examples``: accumulate every micro-batch's
+    gradient (exactly the full batch's), clip, step (skipped when the loss or gradient is not
+    finite), advance the schedule and counters. Returns the step's logged record."""
+    start = time.perf_counter()
+    policy, objective, counters, world = state.policy, state.objective, state.counters, state.world
+    denominator = objective.denominator(examples)  # of the global batch, on every rank
+    stats: Counter = Counter()
+    for batch in micro_batches_of(state, examples):
+        loss, micro_stats = objective(policy, state.reference, batch, denominator)
+        state.release()  # what forward freed, before backward allocates gradients
+        # FSDP averages gradients over ranks; scaling by the world size makes it a sum.
+        (loss * world.size).backward()
+        stats.update(micro_stats)
+    stats = sum_across(stats, world)
+    objective.after_step(stats)  # running statistics some losses keep (BCO's reward mean)
+    grad_norm = grad_norm_value(
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), state.cfg.max_grad_norm))
+    lr = state.scheduler.get_last_lr()[0]
+    finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
+    if finite:
+        state.release()  # what backward freed, before the optimizer's temporaries
+        state.optimizer.step()
+    # A skipped update still advances the schedule with the step count.
+    counters.skipped_steps += not finite
+    counters.nonfinite_run = 0 if finite else counters.nonfinite_run + 1
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    counters.step += 1
+    counters.examples += len(examples)
+    counters.tokens += int(stats["tokens"])
+    return {"split": "train", "step": counters.step, "examples": counters.examples,
+            **finalize(stats), "grad_norm": grad_norm, "lr": lr, "tokens": counters.tokens,
+            "skipped_steps": counters.skipped_steps,
+            "examples_per_second": len(examples) / (time.perf_counter() - start)}
+
+
+def next_examples(state: TrainState) -> list[Example]:
+    """The global batch of the next step: a pure function of (seed, step), so resuming needs
+    no data-loader state."""
+    steps_per_epoch = len(state.data.train) // state.cfg.batch_size
+    epoch, index = divmod(state.counters.step, steps_per_epoch)
+    indices = batch_order(len(state.data.train), state.cfg.batch_size, state.cfg.seed, epoch)
+    return [state.data.train[i] for i in indices[index]]
+
+
+# ----------------------------------------------------------------------------- the cadence
+
+
+def fit(state: TrainState) -> None:
+    """Train to ``total_steps``: each step, then what is due after it."""
+    if state.counters.step == 0:
+        run_eval(state)  # the baseline: a DPO loss of ln 2 when policy and reference are equal
+    while state.counters.step < state.total_steps:
+        record = train_step(state, next_examples(state))
+        log_step(state, record)
+        cfg = state.cfg
+        if due(state, cfg.eval_every):
+            run_eval(state)
+        if cfg.n_samples and due(state, cfg.sample_every):
+            run_samples(state)
+        if due(state, cfg.save_every) and state.counters.nonfinite_run == 0:
+            save(state)
+
+
+def due(state: TrainState, every: int | None) -> bool:
+    step = state.counters.step
+    return bool(every) and step % every == 0 and step < state.total_steps
+
+
+def log_step(state: TrainState, record: dict[str, Any]) -> None:
+    """Log a step's record (every ``log_every`` steps, the last, and any non-finite one) and
+    stop after ``max_nonfinite_steps`` non-finite steps in a row."""
+    counters, cfg = state.counters, state.cfg
+    finite = counters.nonfinite_run == 0
+    logged = counters.step % cfg.log_every == 0 or counters.step == state.total_steps
+    state.log.train(record, write=logged or not finite)
+    if finite:
+        return
+    state.log.note(f"step {counters.step}: non-finite loss or gradient, update skipped")
+    if counters.nonfinite_run >= cfg.max_nonfinite_steps:
+        raise TrainingError(f"stopping: {counters.nonfinite_run} non-finite steps in a row (last "
+                            f"at step {counters.step}); last good checkpoint: "
+                            f"{latest_checkpoint(state.out) or 'none'}")
+
+
+def run_eval(state: TrainState) -> None:
+    """The objective's metrics on the held-out pairs, summed over every process."""
+    batches = micro_batches_of(state, state.data.eval)
+    stats = evaluate(state.policy, state.reference, state.objective, batches, state.progress)
+    stats = sum_across(stats, state.world)
+    state.log.eval({"split": "eval", "step": state.counters.step,
+                    "examples": state.counters.examples, **finalize(stats)})
+
+
+def run_samples(state: TrainState) -> None:
+    """Greedy completions of the held-out prompts, the policy's beside the reference's."""
+    if state.sampler is None:
+        return
+    state.log.note(f"sampling {len(state.data.sample_prompts)} held-out prompts (greedy) ...")
+    completions = {"policy": state.sampler(state.policy)}
+    reference = state.reference.sample(state.sampler)
+    if reference:
+        completions["reference"] = reference
+    prompts = state.tokenizer.batch_decode(
+        [ex["prompt_input_ids"] for ex in state.data.sample_prompts], skip_special_tokens=False)
+    for i, prompt in enumerate(prompts):
+        state.log.sample({"step": state.counters.step, "prompt": prompt,
+                          **{name: texts[i] for name, texts in completions.items()}})
+
+
+def save(state: TrainState) -> None:
+    """A checkpoint of everything ``restore`` reads back."""
+    save_checkpoint(state.out, state.counters.step, state.policy, state.optimizer, {
+        "counters": dataclasses.asdict(state.counters),
+        "scheduler": state.scheduler.state_dict(), "objective": state.objective.state_dict(),
+        "rng": rng_state()}, state.cfg.keep_checkpoints, state.world)
+
+
+def finish(state: TrainState) -> Path:
+    """The last eval and samples, then the export to ``final/``, the report and a summary."""
+    cfg, world, out = state.cfg, state.world, state.out
+    run_eval(state)
+    if cfg.n_samples:
+        run_samples(state)
+    state.log.close()
+    weights = full_state_dict(state.policy, world) if world.distributed else None
+    if world.main:
+        export = state.policy
+        if cfg.lora and world.distributed:  # an unsharded copy holding the gathered weights
+            export = apply_lora(load_model(cfg.model, dtype=_dtype(cfg)), cfg)
+            export.load_state_dict(weights)
+            weights = None
+        if cfg.lora and cfg.lora_export == "merged":
+            export = merged(export)  # after the last eval and samples: folds adapters in place
+        final = save_pretrained(export, state.tokenizer, out / "final", state_dict=weights)
+        report = write_report(out)
+        print_summary(final, state.log.evals, state.data)
+        print(f"report: {report}")
+    barrier(world)
+    return out
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
@@ -337,195 +635,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         raise ConfigError("device: 'cuda' requested but no CUDA device is available")
     world = init_world(cfg.device)
     try:
-        return _train(resolve(cfg), world, progress=progress and world.main)
+        state = setup(resolve(cfg), world, progress=progress and world.main)
+        fit(state)
+        return finish(state)
     finally:
         close_world(world)
-
-
-def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
-    stage = _stage(cfg)
-    out = Path(cfg.output_dir)
-    resume_from = find_resume_point(cfg, out)
-    if world.main:
-        prepare_output_dir(out, resuming=cfg.resume is not None)
-        preflight(cfg, out)
-    barrier(world)
-    seed_everything(cfg.seed)
-    device = world.device
-
-    tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
-    pad_id = pad_id_for(tokenizer)
-    data = load_data(cfg, tokenizer, out if world.main else None, world.size)
-    if stage == "dpo":
-        objective = DPOObjective(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
-                                 reference_free=cfg.reference_free, logps=cfg.logps,
-                                 fast=fast_paths(cfg, pad_id),
-                                 simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
-        collate = collate_pairs
-    else:
-        objective, collate = SFTObjective(), collate_sft
-    policy, reference = build_models(cfg, device, tokenizer, objective.needs_reference)
-    if reference is not None and cfg.precompute_reference:
-        precompute_reference(cfg, reference, data, tokenizer, pad_id, world, objective)
-        del reference  # frozen numbers now travel with the pairs: free the model
-        reference = None
-        gc.collect()
-    # LoRA: the policy's base with adapters bypassed is the reference (B = 0 at the start).
-    live_view = reference is policy
-    if cfg.lora:
-        policy = apply_lora(policy, cfg)
-    if live_view:
-        reference = None
-    policy = shard(policy, world, train=True)
-    if cfg.compile:
-        compile_blocks(policy)
-    reference = shard(reference, world, train=False) if reference is not None else None
-
-    optimizer = build_optimizer(cfg, policy)
-    steps_per_epoch = len(data.train) // cfg.batch_size
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.scheduler))
-
-    counters = {"step": 0, "examples": 0, "tokens": 0, "skipped_steps": 0, "nonfinite_run": 0}
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, policy, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        objective.load_state_dict(state.get("objective", {}))
-        set_rng_state(state["rng"])
-        counters.update(state["counters"])
-    if world.main:
-        if cfg.resume is not None:
-            truncate_logs(out, counters["step"])
-        if resume_from is not None:  # finish a prune the crash interrupted
-            prune_checkpoints(out, cfg.keep_checkpoints)
-        dump_config(cfg, out / "config.yaml")
-    log = RunLog(out, total_steps, stage, counters["step"], progress, enabled=world.main,
-                 report_to=cfg.report_sinks(), config=config_to_dict(cfg))
-
-    def with_reference(batches):
-        """Attach live reference log-probs computed by the policy with its adapters off."""
-        for batch in batches:
-            if live_view:
-                with torch.no_grad(), reference_view(policy):
-                    ref = objective.sequence_logps(policy, batch)
-                batch = {**batch, "reference_chosen_logps": ref.chosen,
-                         "reference_rejected_logps": ref.rejected}
-            yield batch
-
-    def run_eval() -> None:
-        examples = share(data.eval, world)
-        batches = with_reference(
-            micro_batches(examples, cfg.micro_batch_size, collate, pad_id, device))
-        stats = sum_across(evaluate(policy, reference, objective, batches, progress), world)
-        log.eval({"split": "eval", "step": counters["step"], "examples": counters["examples"],
-                  **finalize(stats)})
-
-    def run_samples() -> None:
-        if not data.sample_prompts:
-            return
-        batch = collate_pairs(data.sample_prompts, pad_id)
-        ids = batch["prompt_input_ids"].to(device)
-        mask = batch["prompt_attention_mask"].to(device)
-        kw = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad_id,
-              "synced": world.distributed}
-        log.note(f"sampling {len(data.sample_prompts)} held-out prompts (greedy) ...")
-        completions = {"policy": generate(policy, tokenizer, ids, mask, **kw)}
-        if data.reference_samples is None and (reference is not None or live_view):
-            # The reference never changes: sample it at the first round only.
-            with reference_view(policy) if live_view else contextlib.nullcontext():
-                data.reference_samples = generate(reference if reference is not None else policy,
-                                                  tokenizer, ids, mask, **kw)
-        if data.reference_samples:
-            completions["reference"] = data.reference_samples
-        prompts = tokenizer.batch_decode(
-            [ex["prompt_input_ids"] for ex in data.sample_prompts], skip_special_tokens=False)
-        for i, prompt in enumerate(prompts):
-            log.sample({"step": counters["step"], "prompt": prompt,
-                        **{name: texts[i] for name, texts in completions.items()}})
-
-    def due(every: int | None) -> bool:
-        return bool(every) and counters["step"] % every == 0 and counters["step"] < total_steps
-
-    release = memory_releaser(cfg.release_memory, device)
-    if counters["step"] == 0:
-        run_eval()  # the baseline: a DPO loss of ln 2 when policy and reference are equal
-    while counters["step"] < total_steps:
-        # The batch of a step is a pure function of (seed, step): resuming needs no data state.
-        epoch, index = divmod(counters["step"], steps_per_epoch)
-        indices = batch_order(len(data.train), cfg.batch_size, cfg.seed, epoch)[index]
-        start = time.perf_counter()
-        examples = [data.train[i] for i in indices]
-        denominator = objective.denominator(examples)  # of the global batch, on every rank
-        stats: Counter = Counter()
-        for batch in with_reference(micro_batches(share(examples, world), cfg.micro_batch_size,
-                                                  collate, pad_id, device)):
-            loss, micro_stats = objective(policy, reference, batch, denominator)
-            release()  # what forward freed, before backward allocates gradients
-            # FSDP averages gradients over ranks; scaling by the world size makes it a sum.
-            (loss * world.size).backward()
-            stats.update(micro_stats)
-        stats = sum_across(stats, world)
-        objective.after_step(stats)  # running statistics some losses keep (BCO's reward mean)
-        grad_norm = grad_norm_value(
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
-        lr = scheduler.get_last_lr()[0]
-        finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
-        if finite:
-            release()  # what backward freed, before the optimizer's temporaries
-            optimizer.step()
-            counters["nonfinite_run"] = 0
-        else:  # skip the update; the schedule still advances with the step count
-            counters["skipped_steps"] += 1
-            counters["nonfinite_run"] += 1
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        counters["step"] += 1
-        counters["examples"] += len(indices)
-        counters["tokens"] += int(stats["tokens"])
-
-        record = {"split": "train", "step": counters["step"], "examples": counters["examples"],
-                  **finalize(stats), "grad_norm": grad_norm, "lr": lr,
-                  "tokens": counters["tokens"], "skipped_steps": counters["skipped_steps"],
-                  "examples_per_second": len(indices) / (time.perf_counter() - start)}
-        logged = counters["step"] % cfg.log_every == 0 or counters["step"] == total_steps
-        log.train(record, write=logged or not finite)
-        if not finite:
-            log.note(f"step {counters['step']}: non-finite loss or gradient, update skipped")
-            if counters["nonfinite_run"] >= cfg.max_nonfinite_steps:
-                raise TrainingError(
-                    f"stopping: {counters['nonfinite_run']} non-finite steps in a row (last at "
-                    f"step {counters['step']}); last good checkpoint: "
-                    f"{latest_checkpoint(out) or 'none'}")
-        if due(cfg.eval_every):
-            run_eval()
-        if cfg.n_samples and due(cfg.sample_every):
-            run_samples()
-        if due(cfg.save_every) and counters["nonfinite_run"] == 0:
-            save_checkpoint(out, counters["step"], policy, optimizer, {
-                "counters": dict(counters), "scheduler": scheduler.state_dict(),
-                "objective": objective.state_dict(),
-                "rng": rng_state()}, cfg.keep_checkpoints, world)
-
-    run_eval()
-    if cfg.n_samples:
-        run_samples()
-    log.close()
-    weights = full_state_dict(policy, world) if world.distributed else None
-    if world.main:
-        export = policy
-        if cfg.lora and world.distributed:  # an unsharded copy holding the gathered weights
-            export = apply_lora(load_model(cfg.model, dtype=_dtype(cfg)), cfg)
-            export.load_state_dict(weights)
-            weights = None
-        if cfg.lora and cfg.lora_export == "merged":
-            export = merged(export)  # after the last eval and samples: folds adapters in place
-        final = save_pretrained(export, tokenizer, out / "final", state_dict=weights)
-        report = write_report(out)
-        print_summary(final, log.evals, data)
-        print(f"report: {report}")
-    barrier(world)
-    return out
 
 
 def print_summary(final: Path, evals: list[dict], data: Data) -> None:
@@ -542,4 +656,3 @@ def print_summary(final: Path, evals: list[dict], data: Data) -> None:
             if len(evals) > 1:
                 line += f" -> last {last[key]:.4f}"
             print(line)
-
