@@ -152,7 +152,8 @@ def _json_problem(error: Exception) -> str:
         return "invalid JSON: nested too deeply"
     if isinstance(error, json.JSONDecodeError):
         return f"invalid JSON: {error.msg} (column {error.colno})"
-    return f"invalid JSON: {str(error)[:100]}"  # an integer of more than 4300 digits
+    # an integer of more than 4300 digits: Python's message up to its advice
+    return f"invalid JSON: {str(error).split(';')[0][:100]}"
 
 
 def _short(value: Any, limit: int = 60) -> str:

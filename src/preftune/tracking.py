@@ -312,7 +312,8 @@ def _json_problem(error: Exception) -> str:
         return f"not UTF-8 ({error.reason})"
     if isinstance(error, json.JSONDecodeError):
         return f"invalid JSON: {error.msg} (column {error.colno})"
-    return f"invalid JSON: {str(error)[:100]}"  # e.g. an integer of more than 4300 digits
+    # an integer of more than 4300 digits: Python's message up to its advice
+    return f"invalid JSON: {str(error).split(';')[0][:100]}"
 
 
 def end_progress_bars() -> None:

@@ -267,7 +267,8 @@ def _json_failure(where: str, error: Exception) -> DataError:
         return DataError(f"{where}: invalid JSON: {error.msg} (column {error.colno})")
     if isinstance(error, RecursionError):
         return DataError(f"{where}: invalid JSON: nested too deeply")
-    return DataError(f"{where}: invalid JSON: {str(error)[:100]}")  # an int of > 4300 digits
+    # an integer of more than 4300 digits: Python's message up to its advice
+    return DataError(f"{where}: invalid JSON: {str(error).split(';')[0][:100]}")
 
 
 def _jsonl_records(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[str, Any]]:
