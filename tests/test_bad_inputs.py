@@ -58,6 +58,8 @@ class Models:
     no_tokenizer: Path  # config + weights only
     no_eos: Path  # tokenizer files only, eos_token and bos_token null
     small_vocab: Path  # weights with 1,000 embeddings, no tokenizer
+    config_list: Path  # config.json is a JSON list
+    zero_heads: Path  # config.json says num_attention_heads: 0
 
 
 def _copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
@@ -96,6 +98,10 @@ def models(tiny_model_dir, tmp_path_factory) -> Models:
     no_eos = _copy(good, root / "no-eos", skip=("model.safetensors", "config.json",
                                                 "generation_config.json"))
     _edit_json(no_eos / "tokenizer_config.json", eos_token=None, bos_token=None)
+    config_list = _copy(good, root / "config-list")
+    (config_list / "config.json").write_text(f"[{(good / 'config.json').read_text()}]")
+    zero_heads = _copy(good, root / "zero-heads")
+    _edit_json(zero_heads / "config.json", num_attention_heads=0)
     small = root / "small-vocab"
     tiny_llama(vocab_size=1000).save_pretrained(small)
     return Models(
@@ -111,6 +117,8 @@ def models(tiny_model_dir, tmp_path_factory) -> Models:
         no_tokenizer=_copy(good, root / "no-tokenizer", skip=tokenizer_files),
         no_eos=no_eos,
         small_vocab=small,
+        config_list=config_list,
+        zero_heads=zero_heads,
     )
 
 
@@ -241,7 +249,30 @@ IN_PROCESS_CASES: dict[str, Callable[[Models, Path], Case]] = {
         _run_args(m, out, BAD / "conversational.jsonl"),
         TEMPLATE.format(p=re.escape(str(BAD / "conversational.jsonl")), m=re.escape(str(m.good))),
         regex=True),
+    "JSON nested 200,000 deep": lambda m, out: Case(
+        _run_args(m, out, BAD / "deep_nesting.jsonl"),
+        f"{BAD / 'deep_nesting.jsonl'}:3: invalid JSON: nested too deeply"),
+    "Parquet with a damaged page": lambda m, out: Case(
+        _run_args(m, out, BAD / "corrupt_page.parquet"),
+        re.escape(f"{BAD / 'corrupt_page.parquet'}: damaged Parquet data after row 0 (")
+        + r"[^\n]+\)", regex=True),
+    "field name with a newline": lambda m, out: Case(
+        _run_args(m, out, BAD / "forged_field.jsonl"),
+        re.escape(f"{BAD / 'forged_field.jsonl'}:1: cannot detect the data format; fields "
+                  "found: question\\npreftune: error: forged (str), answer (str); known formats")
+        + ".+", regex=True),
     # -- configuration
+    "YAML alias bomb": lambda m, out: Case(
+        [str(BAD / "alias_bomb.yaml")],
+        f"{BAD / 'alias_bomb.yaml'}: line 1: invalid YAML (anchor or alias 'a': anchors and "
+        "aliases are not allowed in a config)"),
+    "duplicate YAML key": lambda m, out: Case(
+        [str(BAD / "duplicate_key.yaml")],
+        f"{BAD / 'duplicate_key.yaml'}: line 3: invalid YAML (duplicate key 'beta', first on "
+        "line 1)"),
+    "seed beyond 32 bits": lambda m, out: Case(
+        _run_args(m, out, BAD / "ok.jsonl", "seed=4294967296"),
+        "seed: expected an int in [0, 4294967295], got 4294967296"),
     "bad float value": lambda m, out: Case(
         _run_args(m, out, BAD / "ok.jsonl", "lr=fast"), "lr: expected a float, got 'fast'"),
     "negative beta": lambda m, out: Case(
@@ -326,6 +357,14 @@ IN_PROCESS_CASES: dict[str, Callable[[Models, Path], Case]] = {
         f"{m.missing_layer}: weights do not match its config.json: 9 weights missing from the "
         "checkpoint (model.layers.2.input_layernorm.weight, model.layers.2.mlp.down_proj.weight, "
         "...)"),
+    "config.json is a list": lambda m, out: Case(
+        _run_args(m, out, BAD / "ok.jsonl", model=m.config_list),
+        f"{m.config_list}: could not be loaded: config.json holds a JSON list, expected an "
+        "object"),
+    "config.json with num_attention_heads 0": lambda m, out: Case(
+        _run_args(m, out, BAD / "ok.jsonl", model=m.zero_heads),
+        f"{m.zero_heads}: could not be loaded: config.json: num_attention_heads must be a "
+        "positive integer, got 0"),
     "model folder without tokenizer": lambda m, out: Case(
         _run_args(m, out, BAD / "ok.jsonl", model=m.no_tokenizer),
         f"{m.no_tokenizer}: no tokenizer files (tokenizer.json, tokenizer_config.json, "
@@ -353,6 +392,38 @@ def test_one_line_error(name, models, tmp_path, capfd, monkeypatch):
     case.check(error_line(rc, capfd.readouterr().err))
     assert_no_partial_output(out)
     assert (tmp_path / "file.txt").read_text().startswith("a regular file")
+
+
+def test_fifo_dataset_is_refused(models, tmp_path, capfd):
+    """Reading a FIFO named *.jsonl blocked forever; any file that is not regular is refused."""
+    fifo = tmp_path / "pairs.jsonl"
+    os.mkfifo(fifo)
+    rc = main(["dpo", *_run_args(models, tmp_path / "run", fifo)])
+    assert error_line(rc, capfd.readouterr().err) == (
+        f"{fifo}: not a regular file (a FIFO, socket or device?); expected a data file")
+
+
+def test_row_the_chat_template_rejects_is_skipped_and_reported(models, tmp_path, capfd):
+    """A template that raises on one row (jinja's raise_exception, as "roles must alternate"
+    templates do) used to abort the run; that row is now a skipped row like any other."""
+    model = _copy(models.good, tmp_path / "chat-model")
+    _edit_json(model / "tokenizer_config.json", chat_template=(
+        "{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('no boom') }}"
+        "{% endif %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"))
+    data = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": "boom" if i == 3 else f"q{i}"}],
+             "chosen": [{"role": "assistant", "content": f"yes {i}"}],
+             "rejected": [{"role": "assistant", "content": f"no {i}"}]} for i in range(1, 8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    rc = main(["dpo", *_run_args(models, out, data, model=model)])
+    err = capfd.readouterr().err
+    assert rc == 0, err
+    assert f"skipped 1 of 7 rows: chat template failed 1 ({data}:3)" in err.splitlines()
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["counts"] == {"chat template failed": 1} and report["kept"] == 6
+    assert (out / "final" / "config.json").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -240,3 +240,43 @@ def test_help_lists_every_field_with_type_and_default():
         assert len({[m.start() for m in re.finditer(r"\S+", line)][col]
                     for line in lines.values()}) == 1
     assert "beta" not in config_help(SFTConfig).split()
+
+
+# ---------------------------------------------------------------- hostile YAML and values
+
+
+def test_yaml_aliases_are_refused_before_anything_expands(tmp_path):
+    """A billion-laughs file: nine levels of nine aliases (9**9 strings if expanded)."""
+    levels = ["a: &l0 [" + ", ".join(['"lol"'] * 9) + "]"]
+    levels += [f"{chr(98 + i)}: &l{i + 1} [" + ", ".join([f"*l{i}"] * 9) + "]" for i in range(8)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(levels) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 1: invalid YAML \(anchor or alias "
+                       r"'l0': anchors and aliases are not allowed in a config\)$"):
+        load_config(DPOConfig, path)
+
+
+def test_duplicate_yaml_key_names_line_and_key(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("model: m\nbeta: 0.1\ndataset: d\nbeta: 0.2\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 4: invalid YAML \(duplicate key "
+                       r"'beta', first on line 2\)$"):
+        load_config(DPOConfig, path)
+
+
+def test_error_quotes_at_most_200_characters_of_a_value(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("batch_size: [" + ", ".join(["1"] * 10_000) + "]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(DPOConfig, path)
+    message = str(info.value)
+    assert message == f"{path}: batch_size: expected an int, got [" + "1, " * 65 + "1..."
+    assert len(message) < len(str(path)) + 240
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 10**40])
+def test_seed_must_fit_32_bits(seed):
+    with pytest.raises(ConfigError, match=rf"^seed: expected an int in \[0, 4294967295\], "
+                       rf"got {seed}$"):
+        parse_config(DPOConfig, ["model=m", "dataset=d", f"seed={seed}"])
+    assert parse_config(DPOConfig, ["model=m", "dataset=d", f"seed={2**32 - 1}"]).seed == 2**32 - 1

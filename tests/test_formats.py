@@ -577,3 +577,73 @@ def test_summary_printed_once_per_call(capsys) -> None:
     list(read_pairs(fx("explicit.jsonl"), report=report))  # nothing new skipped: no print
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("skipped 5 of 7 rows:")
+
+
+# ---------------------------------------------------------------- hostile files
+
+BAD = Path(__file__).resolve().parent / "fixtures" / "bad"
+
+
+def test_csv_cell_over_128_kib_is_read(tmp_path):
+    """csv's default cell limit (128 KiB) rejected the whole file at one long cell."""
+    pairs, report = load_pairs(BAD / "long_cell.csv", quiet=True)
+    assert len(pairs) == 6 and report.skipped == 0
+    assert pairs[1].prompt == "word " * 40_000
+
+
+def test_csv_row_over_the_cell_limit_is_skipped_others_kept(monkeypatch):
+    from preftune.data import formats
+
+    monkeypatch.setattr(formats, "CSV_CELL_LIMIT", 100_000)
+    path = BAD / "long_cell.csv"
+    pairs, report = load_pairs(path, quiet=True)
+    assert len(pairs) == 5
+    assert report.counts == {"cell too long": 1} and report.examples == {
+        "cell too long": [f"{path}:2"]}
+    with pytest.raises(DataError, match=rf"^{path}:2: cell too long \(field 'prompt' has more "
+                       r"than 100000 characters\)$"):
+        load_pairs(path, strict=True)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"prompt": "p", "chosen": ' + "[" * 200_000 + "]" * 200_000 + ', "rejected": "r"}',
+     "invalid JSON: nested too deeply"),
+    ('{"prompt": "p", "chosen": ' + "7" * 5000 + ', "rejected": "r"}',
+     "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion: value has "
+     "5000 digits"),
+])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_hostile_json_is_one_line_error(tmp_path, text, message, suffix):
+    path = tmp_path / f"pairs{suffix}"
+    path.write_text(text + "\n")
+    where = f"{path}:1" if suffix == ".jsonl" else str(path)
+    with pytest.raises(DataError) as info:
+        load_pairs(path)
+    assert str(info.value) == f"{where}: {message}"
+
+
+def test_non_regular_file_is_refused(tmp_path):
+    import os
+
+    fifo = tmp_path / "pairs.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=r"not a regular file"):
+        read_pairs(fifo)
+
+
+def test_damaged_parquet_page_names_the_file():
+    path = BAD / "corrupt_page.parquet"
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: damaged Parquet data after "
+                       r"row 0 \([^\n]+\)$"):
+        load_pairs(path)
+
+
+def test_skip_details_quote_bounded_values(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    row = {"history": "h", "human_ref_A": "a", "human_ref_B": "b", "labels": "x" * 100_000,
+           "score_A": 1, "score_B": 3}
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError) as info:
+        load_pairs(path, strict=True)
+    assert str(info.value) == (f"{path}:1: field 'labels' is not a number (got "
+                               f"'{'x' * 37}...{'x' * 38}')")

@@ -94,3 +94,48 @@ def test_precomputed_reference_run_matches_live_reference_run(tmp_path, tiny_mod
     train(DPOConfig(**{**RUN, "max_length": 40}, model=str(tiny_model_dir),
                     output_dir=str(tmp_path / "other")), progress=False)
     assert "computed and cached" in capfd.readouterr().err
+
+
+def _warnings(err: str) -> list[str]:
+    """The warning lines of stderr (the reference pass's progress bar redraws with \r)."""
+    return [part for line in err.splitlines() for part in line.split("\r")
+            if part.startswith("preftune: warning:")]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong keys", "wrong shape"])
+def test_damaged_cache_entry_is_recomputed_and_replaced(examples, private_cache, capfd, damage):
+    from safetensors.torch import save_file
+
+    model = tiny_llama(vocab_size=50257)
+    (chosen, rejected), _ = cached_reference_logps(model, examples, _batches(), average=False,
+                                                   cache_dir=private_cache)
+    [entry] = private_cache.glob("*.safetensors")
+    if damage == "truncated":  # what a crash before the data reached the disk leaves
+        entry.write_bytes(entry.read_bytes()[:40])
+    elif damage == "wrong keys":
+        save_file({"chosen": chosen}, entry)
+    else:
+        save_file({"chosen": chosen[:3], "rejected": rejected[:3]}, entry)
+    capfd.readouterr()
+    (again, _), hit = cached_reference_logps(model, examples, _batches(), average=False,
+                                             cache_dir=private_cache)
+    assert not hit and torch.equal(again, chosen)
+    [line] = _warnings(capfd.readouterr().err)
+    assert line.startswith(f"preftune: warning: {entry}: damaged reference log-prob cache entry (")
+    assert line.endswith("); recomputing it")
+    (_, _), hit = cached_reference_logps(model, examples, _batches(), average=False,
+                                         cache_dir=private_cache)
+    assert hit  # the entry was replaced
+
+
+def test_unwritable_cache_warns_and_returns_the_logps(examples, tmp_path, capfd):
+    blocked = tmp_path / "file"  # nobody, root included, can make a folder under a file
+    blocked.write_text("")
+    model = tiny_llama(vocab_size=50257)
+    (chosen, _), hit = cached_reference_logps(model, examples, _batches(), average=False,
+                                              cache_dir=blocked / "cache")
+    assert not hit and chosen.shape == (len(examples),)
+    [line] = _warnings(capfd.readouterr().err)
+    assert line.startswith(f"preftune: warning: cannot write the reference log-prob cache in "
+                           f"{blocked / 'cache'} (")
+    assert line.endswith("); training goes on without it")

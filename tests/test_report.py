@@ -394,3 +394,22 @@ def test_chromium_renders_the_page(tmp_path):
         assert colors is not None and len(colors) > 200  # text and plots, not a blank page
         background = max(colors)[0] / (1200 * 2000)
         assert background < 0.9  # the page is not mostly one flat color
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    # 400 digits parse as a Python int, then failed in matplotlib with a traceback
+    (json.dumps({"split": "train", "step": int("9" * 400), "loss": 0.6}),
+     "step: expected an integer in [0, 2**63), got " + "9" * 57 + "..."),
+    ('{"split": "train", "step": ' + "1" * 5000 + "}",  # over Python's 4300-digit limit
+     "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion: value has "
+     "5000 digits"),
+    ("[" * 200_000 + "]" * 200_000, "invalid JSON: nested too deeply"),
+])
+def test_hostile_metrics_line_is_one_line_error(tmp_path, capsys, line, message):
+    run = make_dpo_run(tmp_path / "run")
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = line + "\n"
+    (run / "metrics.jsonl").write_text("".join(lines))
+    assert main([str(run)]) == 2
+    assert _error(capsys) == f"preftune: error: {run / 'metrics.jsonl'}:3: {message}"
+    assert not (run / "report").exists()

@@ -351,3 +351,63 @@ def test_sharegpt_demo_phi3(demo_pairs, phi3) -> None:
             assert out[f"{side}_input_ids"] == expected
             assert phi3.decode(out[f"{side}_input_ids"]) == phi3.decode(expected)
             assert out[f"{side}_labels"][-1] == eos and out[f"{side}_labels"][-2] != eos
+
+
+# --- long rows: only what truncation can keep is tokenized ----------------------------------------
+
+
+@pytest.fixture()
+def seen_chars(monkeypatch):
+    """The length of every text handed to the tokenizer (the real one still runs)."""
+    from preftune.data import tokenize
+
+    seen: list[int] = []
+    encode = tokenize._encode
+
+    def spy(tokenizer, text):
+        seen.append(len(text))
+        return encode(tokenizer, text)
+
+    monkeypatch.setattr(tokenize, "_encode", spy)
+    return seen
+
+
+def _uncapped(monkeypatch, fn, *args, **kwargs):
+    from preftune.data import tokenize
+
+    with monkeypatch.context() as m:
+        m.setattr(tokenize, "CHARS_PER_TOKEN", 10**12)
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("truncation", ["keep_start", "keep_end"])
+def test_long_text_row_tokenizes_a_bounded_prefix_with_the_same_result(
+        gpt2, seen_chars, monkeypatch, truncation):
+    """A 50 MB row cost 6.7 GB; a 400 KB one stands in for it here."""
+    long = "The quick brown fox jumps over the lazy dog, again and again. " * 6_500
+    pair = text_pair(long, " yes" + long, " no", fmt="explicit")
+    got = tokenize_pair(pair, gpt2, max_length=64, max_prompt_length=32, truncation=truncation)
+    assert max(seen_chars) <= 64 * 32 and len(long) > 400_000
+    assert got == _uncapped(monkeypatch, tokenize_pair, pair, gpt2, max_length=64,
+                            max_prompt_length=32, truncation=truncation)
+
+
+def test_long_chat_row_tokenizes_a_bounded_part_with_the_same_result(qwen, seen_chars,
+                                                                     monkeypatch):
+    long = "Tell me about foxes and dogs, please, in detail. " * 8_000
+    pair = PreferencePair([{"role": "user", "content": long}],
+                          [{"role": "assistant", "content": "Sure. " + long}],
+                          [{"role": "assistant", "content": "No."}], "t.jsonl:1",
+                          "conversational")
+    got = tokenize_pair(pair, qwen, max_length=64, max_prompt_length=32)
+    assert max(seen_chars) <= 2 * 64 * 32
+    assert got == _uncapped(monkeypatch, tokenize_pair, pair, qwen, max_length=64,
+                            max_prompt_length=32)
+
+
+def test_text_of_unusually_long_tokens_falls_back_to_the_whole_text(seen_chars):
+    """One token per word and 100-character words: the cut part gives too few tokens."""
+    tok = word_tokenizer(bos=False)
+    prompt = " ".join(["w1" + "0" * 98] * 200)  # <unk> tokens, 101 chars each
+    got = tokenize_pair(text_pair(prompt, "w1", "w2"), tok, max_length=8, max_prompt_length=4)
+    assert got["prompt_input_ids"] == [3] * 4 and max(seen_chars) == len(prompt)

@@ -262,3 +262,53 @@ def test_missing_package_is_a_one_line_config_error(tmp_path, monkeypatch, sink)
     # Ranks other than 0 have no sinks, so they do not need the packages.
     RunLog(tmp_path, 4, "dpo", 0, False, enabled=False, report_to=[sink]).close()
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- reading the logs back
+
+
+def test_read_jsonl_keeps_lines_holding_unicode_line_breaks(tmp_path):
+    """The writer leaves U+2028, U+0085 and friends raw; str.splitlines broke lines there and
+    the reader then stopped, dropping every later record on resume."""
+    from preftune.tracking import JsonlWriter
+
+    prompts = ["a\u2028b", "c\x85d", "e\u2029f", "g\x1ch\x0bi\x0cj", "plain"]
+    writer = JsonlWriter(tmp_path / "samples.jsonl")
+    for step, prompt in enumerate(prompts):
+        writer.write({"step": step, "prompt": prompt})
+    writer.close()
+    assert [r["prompt"] for r in read_jsonl(tmp_path / "samples.jsonl")] == prompts
+
+
+def test_read_jsonl_drops_only_a_cut_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo', encoding="utf-8")
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ('{"step": 2, "lo', r"invalid JSON: Unterminated string starting at \(column 13\)"),
+    ("[" * 200_000 + "]" * 200_000, "invalid JSON: nested too deeply"),
+    ('{"split": "eval"}', "no integer step"),
+])
+def test_read_jsonl_damaged_middle_line_is_one_line_error(tmp_path, line, problem):
+    from preftune.checkpoint import CheckpointError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(f'{{"step": 1}}\n{line}\n{{"step": 3}}\n', encoding="utf-8")
+    with pytest.raises(CheckpointError, match=rf"^{path}:2: damaged log line \({problem}\); "
+                       r"fix or remove that line$"):
+        read_jsonl(path)
+
+
+def test_error_starts_its_own_line_after_a_progress_bar(capfd):
+    """cli._fail ends a bar still on the terminal, and escapes what would break the line."""
+    from preftune.cli import _fail
+    from preftune.tracking import Progress
+
+    bar = Progress(total=5, desc="dpo")
+    bar.update({"loss": 0.5, "examples_per_second": 1.0})
+    assert _fail(ValueError("field 'a\npreftune: error: forged' is bad"), debug=False) == 2
+    err = capfd.readouterr().err
+    assert err.endswith("\npreftune: error: field 'a\\npreftune: error: forged' is bad\n")
+    assert len([line for line in err.split("\n") if line.startswith("preftune")]) == 1

@@ -83,9 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(error: Exception, debug: bool, status: int = 2) -> int:
+    """Print ``error`` as exactly one line (control characters escaped) after ending any
+    progress bar still on the line."""
+    from .config import one_line
+    from .tracking import end_progress_bars
+
+    end_progress_bars()
     if debug:
         raise error
-    print(f"preftune: error: {error}", file=sys.stderr)
+    print(f"preftune: error: {one_line(str(error))}", file=sys.stderr)
     return status
 
 

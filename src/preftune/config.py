@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,9 @@ C = TypeVar("C", bound="TrainConfig")
 GROUPS = {"model": "model", "data": "data", "loss": "loss", "opt": "optimization",
           "eval": "evaluation & output", "run": "runtime"}
 _CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 0.5)": lambda v: 0 <= v < 0.5,
-           "in [0, 1)": lambda v: 0 <= v < 1}
+           "in [0, 1)": lambda v: 0 <= v < 1,
+           # 32 bits, as numpy takes: batch_order's seed * 100_003 + epoch fits torch's 64
+           "in [0, 4294967295]": lambda v: 0 <= v < 2**32}
 REPORT_TO: tuple[str, ...] = ("tensorboard", "wandb")
 # The help of a field that is a registered loss option: the registry (preftune.losses) has it.
 LOSS_OPTION = "(see preftune.losses.OPTIONS)"
@@ -37,6 +40,19 @@ LOSS_OPTION = "(see preftune.losses.OPTIONS)"
 
 class ConfigError(ValueError):
     """One line, user-facing."""
+
+
+# Characters that would end or redraw a terminal line: C0/C1 controls, U+2028, U+2029.
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped as Python writes it (``\\n``, ``\\x1b``),
+    so that a quoted field name or value can never start a line of its own."""
+    def escape(match: re.Match[str]) -> str:
+        return repr(match.group())[1:-1]
+
+    return _LINE_BREAKING.sub(escape, text)
 
 
 def _f(group: str, default: Any, help: str, check: str | None = None, required: str = "") -> Any:
@@ -85,7 +101,7 @@ class TrainConfig:
     max_steps: int | None = _f("opt", None, "stop after N optimizer steps; null = all epochs",
                                "> 0")
     max_grad_norm: float = _f("opt", 10.0, "gradient clipping norm", "> 0")
-    seed: int = _f("opt", 0, "random seed (data order, sampling)", ">= 0")
+    seed: int = _f("opt", 0, "random seed (data order, sampling)", "in [0, 4294967295]")
     output_dir: str | None = _f("eval", None, "null = runs/<stage>-<YYYYmmdd-HHMMSS>")
     eval_every: int = _f("eval", 300, "eval + save every N steps, 0 = only at the end "
                          "(reference: 20,000 examples ~ 312 steps of 64)", ">= 0")
@@ -268,9 +284,11 @@ def _coerce(f: dataclasses.Field, tp: Any, v: Any) -> Any:
     return out
 
 
-def _show(v: Any) -> str:
-    """null/true/false as YAML spells them, anything else as repr (strings quoted)."""
-    return "null" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)
+def _show(v: Any, limit: int = 200) -> str:
+    """null/true/false as YAML spells them, anything else as repr (strings quoted), cut to
+    about ``limit`` characters: an error message quotes a value, never all of a huge one."""
+    text = "null" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _fields(cls: type) -> list[dataclasses.Field]:
@@ -284,7 +302,46 @@ def _unknown(key: str, cls: type) -> ConfigError:
     other = [s for s, c in _STAGES.items() if key in {f.name for f in dataclasses.fields(c)}]
     if other:
         hint = f"it applies only to the {other[0]} stage"
-    return ConfigError(f"unknown key {key!r}; {hint}")
+    return ConfigError(f"unknown key {_show(key, 100)}; {hint}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors/aliases and duplicate mapping keys.
+
+    A config has no use for aliases, and they let a few hundred bytes stand for billions of
+    values (the "billion laughs"); a duplicate key would silently override the first one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if event.anchor is not None:  # an &anchor on a node, or a *alias to one
+            raise yaml.composer.ComposerError(
+                None, None, f"anchor or alias {_show(event.anchor, 40)}: anchors and aliases "
+                "are not allowed in a config", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_show(key, 100)}, first on line {first}",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` without anchors, aliases or duplicate keys (see _StrictLoader)."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -295,7 +352,9 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}:" if mark is not None else ""
@@ -351,8 +410,8 @@ def parse_config(cls: type[C], args: Sequence[str]) -> C:
                               "first argument may be a YAML file)")
         key = key.strip()
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = yaml_load(raw)
+        except (yaml.YAMLError, RecursionError):
             value = raw
         if key in hints and _split_optional(hints[key])[0] is str and value is not None \
                 and not isinstance(value, str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import pickle
@@ -222,12 +223,42 @@ def _resolve(name: str, *, need_weights: bool) -> str:
             raise ModelError(f"{name}: no model weights (*.safetensors or *.bin) found")
         if need_weights and not (path / "config.json").is_file():
             raise ModelError(f"{name}: no config.json, so not a Hugging Face model folder")
+        if (path / "config.json").is_file():
+            _check_config_json(name, path / "config.json")
         return str(path)
     if path.exists():
         raise ModelError(f"{name}: not a model folder (a file)")
     if _looks_local(name):
         raise ModelError(f"{name}: no such model folder")
     return name  # a Hub id; transformers resolves (and caches) it
+
+
+# Sizes that transformers divides by or builds layers from: 0, negative or not an int fails
+# deep inside it (ZeroDivisionError, TypeError); null means "use the default".
+_POSITIVE_CONFIG_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                         "num_hidden_layers", "vocab_size", "n_embd", "n_head", "n_layer")
+
+
+def _check_config_json(name: str, path: Path) -> None:
+    """What transformers would fail on with a traceback: a config.json that is not a JSON
+    object (or is nested too deeply to read), or a size of a listed key that is not a
+    positive int."""
+    try:
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
+        reason = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e, 200)
+        raise ModelError(f"{name}: could not be loaded: config.json is not readable JSON "
+                         f"({reason})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{name}: could not be loaded: config.json holds a JSON "
+                         f"{type(config).__name__}, expected an object")
+    for key in _POSITIVE_CONFIG_KEYS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value <= 0):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ModelError(f"{name}: could not be loaded: config.json: {key} must be a "
+                             f"positive integer, got {shown}")
 
 
 def _looks_local(name: str) -> bool:

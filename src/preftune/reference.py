@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -185,25 +186,68 @@ def cached_reference_logps(
     world = world or World()
     key = fingerprint(model, examples, average=average, weights=weights)
     path = cache_dir / f"{key}.safetensors"
-    hit = path.is_file()
+    cached, problem = _read_entry(path, len(examples)) if path.is_file() else (None, "")
+    hit = cached is not None
     if world.distributed:  # every rank must take the same branch
         flag = torch.tensor([int(hit)])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         hit = bool(flag.item())
     if hit:
-        cached = load_file(path)
-        return (cached["chosen"], cached["rejected"]), True
+        return cached, True  # type: ignore[return-value]
+    if problem and world.main:
+        _warn(f"{path}: damaged reference log-prob cache entry ({problem}); recomputing it")
     if logps is None:
         def logps(m, batch):
             return concatenated_logps(m, batch, average=average)
     chosen, rejected = compute_reference_logps(model, examples, batches, logps=logps,
                                                world=world)
     if world.main:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({"chosen": chosen, "rejected": rejected}, tmp)
-        os.replace(tmp, path)  # atomic: a crash never leaves a truncated cache entry
+        _write_entry(path, chosen, rejected)
     return (chosen, rejected), False
+
+
+def _read_entry(path: Path, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+    """(chosen, rejected) of a cache entry, or None and what is wrong with it."""
+    try:
+        entry = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        return None, f"unreadable: {' '.join(str(e).split())[:120]}"
+    if set(entry) != {"chosen", "rejected"}:
+        return None, f"tensors {sorted(entry)[:4]}, expected chosen and rejected"
+    for name, tensor in entry.items():
+        if tensor.shape != (n,) or tensor.dtype != torch.float32:
+            return None, f"{name} is {tensor.dtype} {list(tensor.shape)}, expected float32 [{n}]"
+    return (entry["chosen"], entry["rejected"]), ""
+
+
+def _write_entry(path: Path, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    """Store an entry atomically and durably (file and folder synced before and after the
+    rename), so that a crash or power loss leaves the old state or the whole new entry. A
+    cache that cannot be written costs only its reuse: one warning, and training goes on."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"chosen": chosen, "rejected": rejected}, tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        _warn(f"cannot write the reference log-prob cache in {path.parent} "
+              f"({e.strerror or e}); training goes on without it")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _warn(message: str) -> None:
+    print(f"preftune: warning: {message}", file=sys.stderr)
 
 
 def attach(examples: Sequence[Example], logps: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:

@@ -139,18 +139,35 @@ def read_jsonl(path: Path, notes: list[str]) -> list[tuple[int, Any]]:
                 notes.append(f"{path.name}: left out the unfinished line {number}")
                 continue
             raise ReportError(path, f"not UTF-8 ({e.reason})", number) from None
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, huge ints
             if unterminated:
                 notes.append(f"{path.name}: left out the unfinished line {number}")
                 continue
-            raise ReportError(path, f"invalid JSON: {e.msg} (column {e.colno})", number) from None
+            raise ReportError(path, _json_problem(e), number) from None
     return rows
+
+
+def _json_problem(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "invalid JSON: nested too deeply"
+    if isinstance(error, json.JSONDecodeError):
+        return f"invalid JSON: {error.msg} (column {error.colno})"
+    # an integer of more than 4300 digits: Python's message up to its advice
+    return f"invalid JSON: {str(error).split(';')[0][:100]}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value quoted in an error, cut to about ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_step(path: Path, number: int, row: dict[str, Any]) -> None:
     step = row.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ReportError(path, f"step: expected a non-negative integer, got {step!r}", number)
+    # The bound keeps steps plottable (matplotlib converts them to floats) and printable.
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63:
+        raise ReportError(path, f"step: expected an integer in [0, 2**63), got {_short(step)}",
+                          number)
 
 
 def read_metrics(path: Path, notes: list[str]) -> tuple[list[dict], list[dict]]:
@@ -162,7 +179,8 @@ def read_metrics(path: Path, notes: list[str]) -> tuple[list[dict], list[dict]]:
             raise ReportError(path, f"expected a JSON object, got {type(row).__name__}", number)
         split = row.get("split")
         if split not in ("train", "eval"):
-            raise ReportError(path, f"split: expected 'train' or 'eval', got {split!r}", number)
+            raise ReportError(path, f"split: expected 'train' or 'eval', got {_short(split)}",
+                              number)
         _check_step(path, number, row)
         for key in METRIC_ORDER:
             if key not in row:
@@ -170,7 +188,7 @@ def read_metrics(path: Path, notes: list[str]) -> tuple[list[dict], list[dict]]:
             if row[key] is None:
                 row[key] = math.nan
             elif not _is_number(row[key]):
-                raise ReportError(path, f"{key}: expected a number, got {row[key]!r}", number)
+                raise ReportError(path, f"{key}: expected a number, got {_short(row[key])}", number)
         (train if split == "train" else evals).append(row)
     train.sort(key=lambda r: r["step"])
     evals.sort(key=lambda r: r["step"])
@@ -188,7 +206,7 @@ def read_samples(path: Path, notes: list[str]) -> list[dict[str, Any]]:
             if value is None and key == "reference":
                 continue
             if not isinstance(value, str):
-                raise ReportError(path, f"{key}: expected a string, got {value!r}", number)
+                raise ReportError(path, f"{key}: expected a string, got {_short(value)}", number)
         samples.append(row)
     return samples
 

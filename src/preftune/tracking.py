@@ -20,6 +20,7 @@ after the checkpoint by the run that crashed; they stay in its history.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib
 import json
@@ -33,6 +34,7 @@ from types import ModuleType
 from typing import Any
 
 from tqdm.auto import tqdm
+from tqdm.std import tqdm as std_tqdm
 
 from .config import ConfigError
 
@@ -192,7 +194,8 @@ class RunLog:
         if enabled:
             # Every package first: a missing one stops the run before anything is opened.
             modules = {name: _import_sink(name) for name in dict.fromkeys(report_to)}
-            self.evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "eval"]
+            self.evals = [r for r in read_jsonl(out / "metrics.jsonl")
+                          if r.get("split") == "eval"]
             self.metrics = JsonlWriter(out / "metrics.jsonl")
             self.samples = JsonlWriter(out / "samples.jsonl")
             try:
@@ -261,13 +264,61 @@ class RunLog:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a log file; a last line cut by a crash is dropped."""
+    """Records of a run's log (metrics.jsonl, samples.jsonl): one JSON object with an integer
+    ``step`` per line.
+
+    Lines end at "\\n" only: str.splitlines would also break inside a logged prompt at U+2028 or
+    U+0085, which the writer leaves raw. A last line without its newline that does not parse
+    was cut by a crash and is dropped; any other line that is not such a record is a
+    CheckpointError naming the file and line, since resuming past it would lose the lines
+    after it."""
     if not path.is_file():
         return []
+    from .checkpoint import CheckpointError
+
+    chunks = path.read_bytes().split(b"\n")
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, chunk in enumerate(chunks, 1):
+        if not chunk.strip():
+            continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+            record = json.loads(chunk.decode("utf-8"))
+            problem = _log_record_problem(record)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            if number == len(chunks):  # no newline after it: cut while being written
+                break
+            problem = _json_problem(e)
+        if problem:
+            raise CheckpointError(f"{path}:{number}: damaged log line ({problem}); fix or "
+                                  "remove that line") from None
+        records.append(record)
     return records
+
+
+def _log_record_problem(record: Any) -> str:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, expected an object"
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return "no integer step"
+    return ""
+
+
+def _json_problem(error: Exception) -> str:
+    """What is wrong with a line json.loads rejected, in a few words."""
+    if isinstance(error, RecursionError):
+        return "invalid JSON: nested too deeply"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 ({error.reason})"
+    if isinstance(error, json.JSONDecodeError):
+        return f"invalid JSON: {error.msg} (column {error.colno})"
+    # an integer of more than 4300 digits: Python's message up to its advice
+    return f"invalid JSON: {str(error).split(';')[0][:100]}"
+
+
+def end_progress_bars() -> None:
+    """Close every progress bar still on the terminal, so that what is printed next (an error)
+    starts on a line of its own rather than after the bar's text."""
+    for bar in list(getattr(std_tqdm, "_instances", ())):  # every tqdm class registers there
+        with contextlib.suppress(Exception):
+            bar.close()

@@ -38,6 +38,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, DPOConfig, TrainConfig, config_to_dict, dump_config
 from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
+from .data.tokenize import chat_template_check
 from .distributed import (
     World,
     barrier,
@@ -256,13 +257,14 @@ def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1
     the eval set is cut to a multiple of N, so every rank runs the same number of forwards.
     """
     quiet = out is None
+    check = chat_template_check(tokenizer)  # a row the chat template rejects is a skipped row
     pairs, report = load_pairs(cfg.dataset, cfg.dataset_format, strict=cfg.strict_data,
-                               quiet=quiet)
+                               quiet=quiet, check=check)
     if out is not None:
         report.write(out / "data_report.json")
     if cfg.eval_dataset is not None:
         eval_pairs, eval_report = load_pairs(cfg.eval_dataset, cfg.dataset_format,
-                                             strict=cfg.strict_data, quiet=quiet)
+                                             strict=cfg.strict_data, quiet=quiet, check=check)
         if out is not None:
             eval_report.write(out / "eval_data_report.json")
         eval_pairs = eval_pairs[: cfg.eval_examples]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from preftune.config import TrainConfig
+from preftune.config import TrainConfig, one_line
 from preftune.data.formats import FORMATS, DataError, PreferencePair, SkipReport, read_pairs
 
 # The private helpers are the ones tokenize_pair itself runs, so that what inspect shows as
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, DataError) as e:
         if debug:
             raise
-        print(f"preftune: error: {e}", file=sys.stderr)
+        print(f"preftune: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -85,6 +86,8 @@ _SHAREGPT_ROLES = {
 _LINE_SUFFIXES = (".jsonl", ".ndjson")
 _FILE_SUFFIXES = (".json", *_LINE_SUFFIXES, ".gz", ".parquet", ".pq", ".csv")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# A CSV row with a longer cell is skipped (as a bad row), not read.
+CSV_CELL_LIMIT = 16 * 2**20
 
 
 class DataError(ValueError):
@@ -156,13 +159,16 @@ class SkipReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
-class _Skip(Exception):
+class RowSkip(Exception):
     """A row-level problem: ``reason`` is the counted key, ``detail`` extra text for strict mode."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+
+
+_Skip = RowSkip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +181,9 @@ def _open_source(source: str | os.PathLike) -> tuple[str, Iterator[tuple[str, An
     if path.is_dir():
         raise DataError(f"{name}: is a directory, expected a data file")
     if path.exists():
+        if not path.is_file():  # reading a FIFO or a device would block or never end
+            raise DataError(f"{name}: not a regular file (a FIFO, socket or device?); expected "
+                            "a data file")
         return name, _file_records(path, name)
     if isinstance(source, str) and _looks_like_hub_id(name):
         return name, _hub_records(name)
@@ -245,15 +254,28 @@ def _byte_lines(path: Path, name: str, compressed: bool) -> Iterator[tuple[int, 
         raise DataError(f"{name}: cannot read ({e})") from None
 
 
+def _loads(text: str, where: str) -> Any:
+    """json.loads with every failure as a one-line DataError about ``where``."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise _json_failure(where, e) from None
+
+
+def _json_failure(where: str, error: Exception) -> DataError:
+    if isinstance(error, json.JSONDecodeError):
+        return DataError(f"{where}: invalid JSON: {error.msg} (column {error.colno})")
+    if isinstance(error, RecursionError):
+        return DataError(f"{where}: invalid JSON: nested too deeply")
+    # an integer of more than 4300 digits: Python's message up to its advice
+    return DataError(f"{where}: invalid JSON: {str(error).split(';')[0][:100]}")
+
+
 def _jsonl_records(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[str, Any]]:
     for lineno, text in lines:
         if not text.strip():
             continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        yield f"{name}:{lineno}", record
+        yield f"{name}:{lineno}", _loads(text, f"{name}:{lineno}")
 
 
 def _json_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
@@ -268,6 +290,8 @@ def _json_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
             yield from _jsonl_records(enumerate(text.split("\n"), 1), name)
             return
         raise DataError(f"{name}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise _json_failure(name, e) from None
     if isinstance(data, dict):
         for key in ("data", "train"):
             if isinstance(data.get(key), list):
@@ -285,12 +309,23 @@ def _json_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
 
 def _csv_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    # csv's own cell limit (128 KiB by default) would reject the whole file at the first longer
+    # cell; no cell is longer than the text, and rows are held to CSV_CELL_LIMIT here instead.
+    previous = csv.field_size_limit()
+    csv.field_size_limit(max(previous, min(len(text) + 1, 2**31 - 1)))
     try:
         for i, row in enumerate(reader, 1):
             row.pop(None, None)  # cells beyond the header
+            long = [k for k, v in row.items() if isinstance(v, str) and len(v) > CSV_CELL_LIMIT]
+            if long:
+                yield f"{name}:{i}", _Skip("cell too long", f"field '{_clip(long[0], 40)}' "
+                                           f"has more than {CSV_CELL_LIMIT} characters")
+                continue
             yield f"{name}:{i}", row
     except csv.Error as e:
         raise DataError(f"{name}:{reader.line_num}: invalid CSV ({e})") from None
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _parquet_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
@@ -302,7 +337,15 @@ def _parquet_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{name}: not a readable Parquet file ({e})") from None
     index = 0
-    for batch in parquet.iter_batches(batch_size=1024):
+    batches = parquet.iter_batches(batch_size=1024)
+    while True:
+        try:  # a damaged data page shows only when its batch is decoded
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{name}: damaged Parquet data after row {index} "
+                            f"({_first_line(e)})") from None
+        if batch is None:
+            return
         for row in batch.to_pylist():
             index += 1
             yield f"{name}:{index}", row
@@ -327,6 +370,23 @@ def _hub_records(spec: str) -> Iterator[tuple[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------
 # Detection.
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    return _clip((str(error).strip().splitlines() or [type(error).__name__])[0], limit)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+
+
+def _short(value: Any) -> str:
+    """A repr of a value quoted in a message, bounded in length and depth."""
+    return _SHORT_REPR.repr(value)
 
 
 def _type_name(value: Any) -> str:
@@ -366,7 +426,8 @@ def detect_format(record: Mapping[str, Any]) -> str | None:
 
 
 def _undetected(location: str, record: Mapping[str, Any]) -> DataError:
-    found = ", ".join(f"{k} ({_type_name(v)})" for k, v in record.items()) or "none"
+    fields = [f"{_clip(str(k), 60)} ({_type_name(v)})" for k, v in list(record.items())[:20]]
+    found = ", ".join(fields + ["..."] * (len(record) > 20)) or "none"
     known = "; ".join(f"{k}: {v}" for k, v in _FORMAT_FIELDS.items())
     return DataError(
         f"{location}: cannot detect the data format; fields found: {found}; known formats: "
@@ -398,7 +459,7 @@ def _get_number(record: Mapping[str, Any], key: str) -> float:
         with contextlib.suppress(ValueError):
             value = float(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise _Skip(f"field '{key}' is not a number", f"got {value!r}")
+        raise _Skip(f"field '{key}' is not a number", f"got {_short(value)}")
     return float(value)
 
 
@@ -449,7 +510,7 @@ def _parse_shp(record: Mapping[str, Any], location: str, min_ratio: float) -> Pr
     ref_b = _get_str(record, "human_ref_B")
     label = _get_number(record, "labels")
     if label not in (0.0, 1.0):
-        raise _Skip("field 'labels' is not 0 or 1", f"got {record['labels']!r}")
+        raise _Skip("field 'labels' is not 0 or 1", f"got {_short(record['labels'])}")
     score_a = _get_number(record, "score_A")
     score_b = _get_number(record, "score_B")
     chosen, rejected = (ref_a, ref_b) if label == 1.0 else (ref_b, ref_a)
@@ -518,9 +579,10 @@ def _message(value: Any, field_name: str) -> Message:
         if isinstance(value.get("from"), str) and isinstance(value.get("value"), str):
             role = _SHAREGPT_ROLES.get(value["from"])
             if role is None:
-                raise _Skip(f"unknown role '{value['from']}' in field '{field_name}'")
+                raise _Skip(f"unknown role '{_clip(value['from'], 40)}' in field "
+                            f"'{field_name}'")
             return {"role": role, "content": value["value"]}
-    raise _Skip(f"field '{field_name}' is not a message list", f"got {value!r:.80}")
+    raise _Skip(f"field '{field_name}' is not a message list", f"got {_short(value)}")
 
 
 def _messages(record: Mapping[str, Any], key: str) -> list[Message]:
@@ -595,6 +657,7 @@ def read_pairs(
     report: SkipReport | None = None,
     min_score_ratio: float = 2.0,
     quiet: bool = False,
+    check: Callable[[PreferencePair], None] | None = None,
 ) -> Iterator[PreferencePair]:
     """Stream preference pairs from ``source``.
 
@@ -603,7 +666,9 @@ def read_pairs(
     (default split "train") loaded with :func:`datasets.load_dataset`. ``format`` overrides
     detection. Row-level problems are skipped and counted in ``report`` (or raise
     :class:`DataError` with ``strict=True``); ``min_score_ratio`` filters SHP pairs. Once
-    iteration ends, a summary of skipped rows goes to stderr unless ``quiet``.
+    iteration ends, a summary of skipped rows goes to stderr unless ``quiet``. ``check``, if
+    given, sees each pair read and may reject it as a bad row by raising :class:`RowSkip`
+    (e.g. :func:`preftune.data.tokenize.chat_template_check`).
 
     Problems with the file itself (missing, unreadable, empty, bad JSON or UTF-8, or every row
     skipped: "no usable pairs in FILE: <summary>") raise :class:`DataError`; a missing path or
@@ -620,6 +685,7 @@ def read_pairs(
         report=report if report is not None else SkipReport(),
         min_score_ratio=min_score_ratio,
         quiet=quiet,
+        check=check,
     )
 
 
@@ -632,12 +698,13 @@ def _iter_pairs(
     report: SkipReport,
     min_score_ratio: float,
     quiet: bool,
+    check: Callable[[PreferencePair], None] | None = None,
 ) -> Iterator[PreferencePair]:
     skipped_before, kept_before = report.skipped, report.kept
     seen = 0
     for location, record in records:
         seen += 1
-        if fmt is None:
+        if fmt is None and not isinstance(record, _Skip):
             if not isinstance(record, Mapping):
                 raise DataError(
                     f"{location}: record is {_a_type(record)}, expected an object with fields"
@@ -647,9 +714,13 @@ def _iter_pairs(
                 raise _undetected(location, record)
         report.total_read += 1
         try:
+            if isinstance(record, _Skip):  # the reader found the row unusable (_csv_records)
+                raise record
             if not isinstance(record, Mapping):
                 raise _Skip("record is not an object", f"got {_type_name(record)}")
-            pair = _PARSERS[fmt](record, location, min_score_ratio)
+            pair = _PARSERS[fmt](record, location, min_score_ratio)  # type: ignore[index]
+            if check is not None:
+                check(pair)
         except _Skip as skip:
             if strict:
                 detail = f" ({skip.detail})" if skip.detail else ""
@@ -674,6 +745,7 @@ def load_pairs(
     strict: bool = False,
     min_score_ratio: float = 2.0,
     quiet: bool = False,
+    check: Callable[[PreferencePair], None] | None = None,
 ) -> tuple[list[PreferencePair], SkipReport]:
     """All pairs of ``source`` and the report of skipped rows (see :func:`read_pairs`)."""
     report = SkipReport()
@@ -685,6 +757,7 @@ def load_pairs(
             report=report,
             min_score_ratio=min_score_ratio,
             quiet=quiet,
+            check=check,
         )
     )
     return pairs, report

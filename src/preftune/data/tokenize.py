@@ -25,9 +25,10 @@ Choices made here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
-from preftune.data.formats import DataError, Message, PreferencePair
+from preftune.data.formats import DataError, Message, PreferencePair, RowSkip
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -35,6 +36,12 @@ if TYPE_CHECKING:
 Truncation = Literal["keep_end", "keep_start"]
 
 IGNORE_INDEX = -100
+# A text of more than CHARS_PER_TOKEN * max_length characters is cut to that many, on the side
+# truncation keeps, before it is tokenized (see _encode_kept): a 50 MB row costs what its kept
+# part costs. Ordinary text has 3-5 characters per token, a long repeated run a few dozen.
+CHARS_PER_TOKEN = 32
+# How many tokens past max_length the cut part must still give for its tokens to be used.
+_CUT_MARGIN = 16
 
 
 def default_truncation(format: str) -> Truncation:
@@ -70,6 +77,24 @@ def _apply_template(
     if not isinstance(text, str):
         raise DataError(f"{source}: apply_chat_template returned {type(text).__name__}, not text")
     return text
+
+
+def chat_template_check(tokenizer: PreTrainedTokenizerBase) -> Callable[[PreferencePair], None]:
+    """A ``check=`` for :func:`~preftune.data.load_pairs`: a conversational pair that the chat
+    template rejects (or renders with a prompt that is not a prefix) is skipped and reported as
+    a bad row, "chat template failed". A tokenizer with no template is left to render_chat's
+    error at tokenization: that is a problem of the whole file, not of a row."""
+
+    def check(pair: PreferencePair) -> None:
+        if not pair.is_conversational or not getattr(tokenizer, "chat_template", None):
+            return
+        try:
+            render_chat(pair, tokenizer)
+        except DataError as e:
+            raise RowSkip("chat template failed",
+                          str(e).removeprefix(f"{pair.source}: ")) from None
+
+    return check
 
 
 def render_chat(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, str]:
@@ -108,6 +133,27 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
+def _encode_kept(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None, keep_end: bool
+) -> list[int]:
+    """Token ids of ``text``; of a long one, only those of the part truncation keeps.
+
+    A text of more than ``CHARS_PER_TOKEN * max_length`` characters is cut to that many at the
+    end truncation keeps (the start, or the end for a ``keep_end`` prompt) and that part is
+    tokenized. When it gives more than ``max_length + _CUT_MARGIN`` tokens, the whole text has
+    more than max_length tokens too, so truncation cuts it in any case, and the at most
+    max_length tokens it keeps lie at the kept end, at least _CUT_MARGIN tokens away from the
+    cut: they are the tokens of the whole text. Otherwise (unusually long tokens) the whole
+    text is tokenized. ``max_length=None``: no cut."""
+    cap = None if max_length is None else CHARS_PER_TOKEN * max_length
+    if cap is None or len(text) <= cap:
+        return _encode(tokenizer, text)
+    ids = _encode(tokenizer, text[-cap:] if keep_end else text[:cap])
+    if len(ids) > max_length + _CUT_MARGIN:  # type: ignore[operator]
+        return ids
+    return _encode(tokenizer, text)
+
+
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -135,17 +181,27 @@ def _bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def _tokenize_parts(
-    pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, names: tuple[str, ...]
+    pair: PreferencePair,
+    tokenizer: PreTrainedTokenizerBase,
+    names: tuple[str, ...],
+    max_length: int | None = None,
+    keep_end: bool = False,
 ) -> tuple[list[int], list[list[int]]]:
-    """Prompt ids (BOS included) and response ids (EOS included) for the named responses."""
+    """Prompt ids (BOS included) and response ids (EOS included) for the named responses.
+
+    With ``max_length``, a text too long to survive truncation whole is tokenized only as far
+    as truncation to max_length can keep (see _encode_kept); ``keep_end``: of the prompt, its
+    end. Without, every text is tokenized whole."""
     eos = _eos_id(tokenizer)
     if not pair.is_conversational:
-        prompt = _bos_prefix(tokenizer) + _encode(tokenizer, pair.prompt)  # type: ignore[arg-type]
-        return prompt, [_encode(tokenizer, getattr(pair, n)) + [eos] for n in names]
+        prompt = _bos_prefix(tokenizer) + _encode_kept(
+            tokenizer, pair.prompt, max_length, keep_end)  # type: ignore[arg-type]
+        return prompt, [_encode_kept(tokenizer, getattr(pair, n), max_length, False) + [eos]
+                        for n in names]
 
     prompt_text, chosen_text, rejected_text = render_chat(pair, tokenizer)
     texts = {"chosen": chosen_text, "rejected": rejected_text}
-    prompt_body = _encode(tokenizer, prompt_text)
+    prompt_body = _encode_kept(tokenizer, prompt_text, max_length, keep_end)
     bos_text = tokenizer.bos_token if _distinct_bos(tokenizer) is not None else None
     starts_with_bos = bool(bos_text) and prompt_text.startswith(bos_text)
     prompt = prompt_body if starts_with_bos else _bos_prefix(tokenizer) + prompt_body
@@ -153,15 +209,38 @@ def _tokenize_parts(
     responses = []
     for name in names:
         text = texts[name]
-        full = _encode(tokenizer, prompt_text + text)
-        if full[: len(prompt_body)] == prompt_body:
-            ids = full[len(prompt_body) :]
-        else:  # the tokenizer merged across the boundary: tokenize the response alone
-            ids = _encode(tokenizer, text)
+        ids = _chat_response(tokenizer, prompt_text, prompt_body, text, max_length)
         if not (eos_text and text.rstrip().endswith(eos_text)):
             ids.append(eos)
         responses.append(ids)
     return prompt, responses
+
+
+def _chat_response(
+    tokenizer: PreTrainedTokenizerBase, prompt_text: str, prompt_body: list[int], text: str,
+    max_length: int | None,
+) -> list[int]:
+    """The ids of a rendered response: the tail of the ids of prompt + response after the
+    prompt's ids (or, when the tokenizer merged across the boundary, the response alone).
+
+    Of a long prompt only its last ``CHARS_PER_TOKEN * max_length`` characters are the context
+    (tokens are merged only across a short distance), and a long response is cut as in
+    _encode_kept; ordinary rows are tokenized whole, as without max_length."""
+    cap = None if max_length is None else CHARS_PER_TOKEN * max_length
+    context, context_ids = prompt_text, prompt_body
+    if cap is not None and len(prompt_text) > cap:
+        context = prompt_text[-cap:]
+        context_ids = _encode(tokenizer, context)
+    cut = cap is not None and len(text) > cap
+    full = _encode(tokenizer, context + (text[:cap] if cut else text))
+    if full[: len(context_ids)] == context_ids:
+        ids = full[len(context_ids) :]
+    else:  # the tokenizer merged across the boundary: tokenize the response alone
+        ids = _encode(tokenizer, text[:cap] if cut else text)
+    if cut and len(ids) <= max_length + _CUT_MARGIN:  # type: ignore[operator]
+        whole = prompt_body if context is prompt_text else _encode(tokenizer, prompt_text)
+        return _chat_response(tokenizer, prompt_text, whole, text, None)
+    return ids
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
@@ -205,7 +284,7 @@ def _prepare(
 ) -> tuple[list[int], list[list[int]]]:
     _check_lengths(max_length, max_prompt_length)
     mode = resolve_truncation(truncation, pair.format)
-    prompt, responses = _tokenize_parts(pair, tokenizer, names)
+    prompt, responses = _tokenize_parts(pair, tokenizer, names, max_length, mode == "keep_end")
     return _truncate(
         prompt,
         responses,
