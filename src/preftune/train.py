@@ -35,6 +35,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    verify_checkpoint,
 )
 from .config import ConfigError, DPOConfig, TrainConfig, config_to_dict, dump_config
 from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
@@ -192,6 +193,7 @@ def find_resume_point(cfg: TrainConfig, out: Path) -> Path | None:
         found = Path(cfg.resume)
         if not found.is_dir():
             raise ConfigError(f"resume: {found} is not a checkpoint folder")
+        verify_checkpoint(found)  # before any model loads
     saved = out / "config.yaml"
     if found is not None and saved.is_file():
         before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
