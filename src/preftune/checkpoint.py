@@ -270,7 +270,7 @@ def _candidates(run_dir: Path) -> list[Path]:
     found = sorted(_complete(root), key=_step_of, reverse=True) if root.is_dir() else []
     marker = root / LATEST
     if marker.is_file():
-        named = root / marker.read_text().strip()
+        named = root / marker.read_text(errors="replace").strip()
         if named in found:
             return [named, *[p for p in found if _step_of(p) < _step_of(named)]]
     return found
@@ -312,7 +312,8 @@ def verify_checkpoint(path: Path) -> str:
     With a manifest, every file it lists must exist with its size and SHA-256. Without one (a
     checkpoint written before manifests), what can be checked without loading is: the
     safetensors header against the file's length, the CRC of each entry of ``state.pt`` (a zip
-    archive) and the DCP metadata through the restricted unpickler. Raises CheckpointError.
+    archive). The DCP metadata of a sharded one is read by the restricted unpickler.
+    Raises CheckpointError.
     """
     path = Path(path)
     if not _is_complete(path):
@@ -326,8 +327,11 @@ def verify_checkpoint(path: Path) -> str:
         _check_files(path, manifest)
     else:
         _check_legacy(path)
+    kind = checkpoint_kind(path)
+    if kind == SHARDED:
+        _dcp_metadata(path)  # refused here, before DCP itself reads it
     _verified[path] = signature
-    return checkpoint_kind(path)
+    return kind
 
 
 # Checkpoints verified by this process, with the size, mtime and inode of their files then:
@@ -409,8 +413,6 @@ def _check_legacy(path: Path) -> None:
                 pass
         except (OSError, SafetensorError, ValueError) as e:
             raise CheckpointError(f"resume: {weights} is damaged ({_first_line(e)})") from None
-    else:
-        _dcp_metadata(path)
 
 
 def _dcp_metadata(path: Path):
@@ -447,7 +449,6 @@ def load_checkpoint(
     if kind == SHARDED:
         if optimizer is None:
             raise CheckpointError(f"resume: {path} is sharded; loading it needs the optimizer")
-        _dcp_metadata(path)  # refused here, in one line, before DCP itself reads it
         try:
             load_sharded(path / DCP_DIR, model, optimizer)
         except BaseException as e:  # DCP wraps every rank's error in a BaseException
