@@ -7,6 +7,7 @@ training loop reads the same for 1 or N processes.
 from __future__ import annotations
 
 import os
+import pickle
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -126,15 +127,90 @@ def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
 
 
 def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a DCP checkpoint written by any number of processes into this layout."""
+    """Load a DCP checkpoint written by any number of processes into this layout.
+
+    Nothing in it is unpickled freely: the metadata goes through :func:`read_dcp_metadata` and
+    the non-tensor values (optimizer hyperparameters) through ``torch.load(weights_only=True)``.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=folder)
+    dcp.load(state, storage_reader=_safe_reader(folder), planner=_safe_planner())
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
+
+
+# The globals a DCP ``.metadata`` pickle may name (torch 2.x); anything else is refused.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS = {
+    (_DCP_METADATA, name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+     ("torch.serialization", "_get_layout"), ("torch", "Size"),
+     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+     ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP metadata (dataclasses, sizes, dtypes, paths) and nothing else: a pickle that
+    names any other global (``os.system``, ``builtins.eval``, ...) fails before it is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_dcp_metadata(folder: Path):
+    """The ``.metadata`` of a DCP checkpoint, read by the restricted unpickler.
+
+    Raises ``pickle.UnpicklingError`` (or ``OSError``, ``EOFError``) when it is not DCP metadata.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    with open(Path(folder) / ".metadata", "rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+def _safe_reader(folder: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_dcp_metadata(self.path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(folder)
+
+
+def _safe_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        """DefaultLoadPlanner unpickles non-tensor values with ``weights_only=False``."""
+
+        def load_bytes(self, read_item, value) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
+                            loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafePlanner()
 
 
 def barrier(world: World) -> None:

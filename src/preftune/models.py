@@ -14,6 +14,7 @@ Every problem a user can cause is reported as a :class:`ModelError` with a one-l
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.util
 import inspect
 import json
@@ -204,10 +205,30 @@ def save_pretrained(
     try:
         _write_folder(model, tokenizer, tmp, state_dict)
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        from .checkpoint import free_gb, out_of_space
+
+        if isinstance(e, Exception) and out_of_space(e):
+            raise ModelError(f"{out}: no space left on the device for the model "
+                             f"({free_gb(out.parent):.2f} GB free); removed the partial "
+                             "folder") from None
         raise
     return out
+
+
+def remove_interrupted_exports(out_dir: str | Path) -> None:
+    """Remove what a save_pretrained into ``out_dir`` left when killed midway: the sibling
+    ``.NAME.XXXXXXXX.partial`` folders, and ``.old`` ones once ``out_dir`` is in place again.
+    Only folders named exactly as :func:`_sibling` names them are touched."""
+    out = Path(out_dir)
+    pattern = re.compile(re.escape(f".{out.name}.") + r"[0-9a-f]{8}\.(partial|old)")
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        kind = pattern.fullmatch(path.name)
+        if not kind or not path.is_dir() or path.is_symlink():
+            continue
+        if kind[1] == "partial" or out.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,12 +29,16 @@ import torch
 import yaml
 
 from .checkpoint import (
+    disk_needed,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    remove_interrupted_writes,
+    resume_point,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    verify_checkpoint,
 )
 from .config import ConfigError, DPOConfig, TrainConfig, config_to_dict, dump_config
 from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
@@ -59,6 +63,7 @@ from .models import (
     enable_activation_checkpointing,
     load_model,
     load_tokenizer,
+    remove_interrupted_exports,
     save_pretrained,
 )
 from .reference import (
@@ -197,18 +202,25 @@ def prepare_output_dir(path: Path, *, resuming: bool) -> None:
 
 
 def preflight(cfg: TrainConfig, out: Path) -> None:
-    """Fail before loading anything if the disk cannot hold a checkpoint and the export."""
+    """Fail before loading anything if the disk cannot hold what coexists at the peak: the
+    kept checkpoints, the one being written and the export (``checkpoint.disk_needed``).
+    A resumed run first removes the checkpoint and export folders a killed run left half
+    written: they are never read, and the space they hold is needed."""
+    if cfg.resume not in (None, False):
+        remove_interrupted_writes(out)
+        remove_interrupted_exports(out / "final")
     folder = Path(cfg.model)
     if not folder.is_dir():
         return  # a hub id or alias: size unknown until downloaded or converted
-    weights = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin")
-                  for f in folder.glob(pattern))
-    optimizer_copies = 1 if cfg.optimizer == "rmsprop" else 2
-    need = weights * (1 + optimizer_copies) + weights  # one checkpoint + the final export
+    need = disk_needed(folder, out, keep=cfg.keep_checkpoints,
+                       optimizer_states=1 if cfg.optimizer == "rmsprop" else 2,
+                       lora_r=cfg.lora_r if cfg.lora else None,
+                       merged_export=not cfg.lora or cfg.lora_export == "merged")
     free = shutil.disk_usage(out).free
     if free < need:
-        raise ConfigError(f"output_dir: {out} has {free / 1e9:.2f} GB free; a checkpoint and "
-                          f"the export of this model need about {need / 1e9:.2f} GB")
+        raise ConfigError(f"output_dir: {out} has {free / 1e9:.2f} GB free; {cfg.keep_checkpoints} "
+                          "kept checkpoints, the one being saved and the export of this model "
+                          f"need about {need / 1e9:.2f} GB more")
 
 
 # Keys that may change when resuming: they do not alter the steps already taken.
@@ -223,11 +235,12 @@ def find_resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     if cfg.resume is None:
         return None
     if cfg.resume.lower() in ("true", "latest"):
-        found = latest_checkpoint(out)
+        found = resume_point(out)  # the newest that verifies
     else:
         found = Path(cfg.resume)
         if not found.is_dir():
             raise ConfigError(f"resume: {found} is not a checkpoint folder")
+        verify_checkpoint(found)  # before any model loads
     saved = out / "config.yaml"
     if found is not None and saved.is_file():
         before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
