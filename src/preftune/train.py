@@ -60,6 +60,7 @@ from .models import (
 )
 from .reference import attach, cached_reference_logps, weights_digest
 from .report import write_report
+from .rundir import claim_output_dir
 from .step import DPOObjective, SFTObjective, finalize
 from .tracking import RunLog, read_jsonl
 
@@ -136,19 +137,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output_dir(path: Path, *, resuming: bool) -> None:
-    if (path / "metrics.jsonl").exists() and not resuming:
-        raise ConfigError(f"output_dir: {path} already holds a run (metrics.jsonl); choose a new "
-                          "output_dir, or resume=true to continue it")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output_dir: {path} is not writable ({e.strerror})") from None
-
-
 def preflight(cfg: TrainConfig, out: Path) -> None:
     """Fail before loading anything if the disk cannot hold a checkpoint and the export."""
     folder = Path(cfg.model)
@@ -167,7 +155,8 @@ def preflight(cfg: TrainConfig, out: Path) -> None:
 # Keys that may change when resuming: they do not alter the steps already taken.
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "eval_every", "sample_every", "save_every",
                      "keep_checkpoints", "log_every", "n_samples", "max_new_tokens", "device",
-                     "max_nonfinite_steps", "report_to", "release_memory"}
+                     "max_nonfinite_steps", "report_to", "release_memory",
+                     "output_dir"}  # a moved or copied run folder resumes where it now is
 
 
 def find_resume_point(cfg: TrainConfig, out: Path) -> Path | None:
@@ -337,7 +326,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         raise ConfigError("device: 'cuda' requested but no CUDA device is available")
     world = init_world(cfg.device)
     try:
-        return _train(resolve(cfg), world, progress=progress and world.main)
+        cfg = resolve(cfg)  # the lock on output_dir is held by rank 0 until the run ends
+        with claim_output_dir(Path(cfg.output_dir), resuming=cfg.resume is not None,
+                              hold=world.main):
+            return _train(cfg, world, progress=progress and world.main)
     finally:
         close_world(world)
 
@@ -347,7 +339,6 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     out = Path(cfg.output_dir)
     resume_from = find_resume_point(cfg, out)
     if world.main:
-        prepare_output_dir(out, resuming=cfg.resume is not None)
         preflight(cfg, out)
     barrier(world)
     seed_everything(cfg.seed)
