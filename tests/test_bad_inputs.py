@@ -36,8 +36,9 @@ from .conftest import tiny_llama
 BAD = Path(__file__).resolve().parent / "fixtures" / "bad"
 FAST = ["max_length=64", "max_prompt_length=32", "eval_examples=2", "n_samples=0",
         "batch_size=2", "micro_batch_size=2", "max_steps=1", "warmup_steps=0"]
-# What a failed run may leave in its output_dir: the skip-and-report files, nothing else.
-ALLOWED_AFTER_ERROR = {"data_report.json", "eval_data_report.json"}
+# What a failed run may leave in its output_dir: the skip-and-report files, nothing else (and
+# with them the marker that makes the folder preftune's, so that a rerun may write there).
+ALLOWED_AFTER_ERROR = {"data_report.json", "eval_data_report.json", ".preftune-run"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 

@@ -287,7 +287,7 @@ def test_empty_metrics_gives_a_page_without_plots(tmp_path):
 def test_rewrite_replaces_report_and_crash_keeps_the_old_one(tmp_path, monkeypatch):
     run = make_sft_run(tmp_path / "run")
     first = write_report(run).read_bytes()
-    (run / "report" / "stale.txt").write_text("from an older report")
+    (run / "report" / "stale.png").write_bytes(b"a plot an older report drew")
     assert write_report(run).read_bytes() == first  # same run, same page
     assert sorted(p.name for p in (run / "report").iterdir()) == ["loss.png", "report.html"]
 

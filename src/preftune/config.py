@@ -114,8 +114,9 @@ class TrainConfig:
     save_every: int | None = _f("eval", None, "checkpoint every N steps, 0 = never; "
                                 "null = eval_every", ">= 0")
     keep_checkpoints: int = _f("eval", 2, "keep the last N checkpoints", "> 0")
-    resume: str | None = _f("run", None, "true = continue from the latest checkpoint in "
-                            "output_dir (fresh start if none), or a checkpoint folder")
+    resume: str | None = _f("run", None, "true (or latest) = continue from the latest "
+                            "checkpoint in output_dir (fresh start if none), or a checkpoint "
+                            "folder; false/no/off/none = start afresh")
     max_nonfinite_steps: int = _f("run", 3, "stop after N non-finite steps in a row (each "
                                   "one's update is skipped)", "> 0")
     device: Literal["auto", "cpu", "cuda"] = _f("run", "auto", "auto = cuda if available")
@@ -145,6 +146,7 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f, hints[f.name], getattr(self, f.name)))
+        self.resume = _resume_choice(self.resume)
         self._check()
 
     def _check(self) -> None:
@@ -282,6 +284,15 @@ def _coerce(f: dataclasses.Field, tp: Any, v: Any) -> Any:
     if out is None:
         raise ConfigError(f"{f.name}: expected {want}, got {_show(v)}")
     return out
+
+
+def _resume_choice(value: str | None) -> str | None:
+    """``resume`` as the run reads it: None (start afresh), "true" (latest) or a folder.
+    Boolean words are never folder names here; spell a folder so named as ./no."""
+    word = value.strip().lower() if value is not None else None
+    if word in (None, "false", "no", "off", "none", "null", ""):
+        return None
+    return "true" if word in ("true", "yes", "on", "latest") else value
 
 
 def _show(v: Any, limit: int = 200) -> str:

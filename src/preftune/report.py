@@ -17,6 +17,8 @@ so the caller's pyplot backend and global state are left alone.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import html
 import json
 import math
@@ -24,7 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ import yaml
 
 REPORT_DIR = "report"
 HTML_NAME = "report.html"
+TITLE_MARK = "preftune report</title>"  # ends the <title> render_html writes: a report of ours
 FIGSIZE_IN = (5.6, 3.2)
 DPI = 150  # drawn at 1.5x the size shown, sharp on high-density screens
 PLOT_SIZE_PX = (round(FIGSIZE_IN[0] * DPI), round(FIGSIZE_IN[1] * DPI))  # (width, height)
@@ -596,8 +599,14 @@ def write_report(run_dir: str | Path) -> Path:
     Everything is built in a temporary folder beside it and renamed into place, so a crash
     leaves either the previous report or the new one, never a half-written one.
     """
+    with _writing(Path(run_dir)):
+        return _write_report(run_dir)
+
+
+def _write_report(run_dir: str | Path) -> Path:
     run = load_run(run_dir)
     target = run.path / REPORT_DIR
+    _check_replaceable(target)  # before any work; checked again just before the rename
     try:
         staging = Path(tempfile.mkdtemp(prefix=".report-new-", dir=run.path))
     except OSError as e:
@@ -628,9 +637,51 @@ def write_report(run_dir: str | Path) -> Path:
     return target / HTML_NAME
 
 
+def _ours(target: Path) -> bool:
+    """Whether `target` is a report folder preftune wrote: report.html with preftune's title,
+    beside nothing but PNG plots (plots an older version drew are replaced with it)."""
+    if target.is_symlink() or not target.is_dir():
+        return False
+    try:
+        with (target / HTML_NAME).open("rb") as f:
+            head = f.read(4096)
+        names = [p.name for p in target.iterdir()]
+    except OSError:
+        return False
+    return (TITLE_MARK.encode() in head
+            and all(n == HTML_NAME or n.endswith(".png") for n in names))
+
+
+def _check_replaceable(target: Path) -> None:
+    if (target.exists() or target.is_symlink()) and not _ours(target):
+        what = "a folder" if target.is_dir() and not target.is_symlink() else "a file"
+        raise ReportError(target, f"{what} preftune did not write is in the way; move it "
+                          "elsewhere to write the report")
+
+
+@contextlib.contextmanager
+def _writing(run_dir: Path) -> Iterator[None]:
+    """One report writer at a time per run folder (the training's final report and a
+    `preftune report` beside it): an flock on the folder itself, so the report that lands last
+    is built from what was logged last. No lock where the file system has none."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _replace_folder(new: Path, target: Path) -> None:
-    """Rename `new` to `target`, moving an existing `target` aside first and then deleting it."""
+    """Rename `new` to `target`, moving an existing `target` aside first and then deleting it
+    (only a report preftune wrote: see _check_replaceable)."""
     old_holder = None
+    _check_replaceable(target)
     if target.exists() or target.is_symlink():
         old_holder = Path(tempfile.mkdtemp(prefix=".report-old-", dir=target.parent))
         os.rename(target, old_holder / target.name)

@@ -77,6 +77,7 @@ from .reference import (
     weights_digest,
 )
 from .report import write_report
+from .rundir import claim_output_dir
 from .step import DPOObjective, SFTObjective, finalize
 from .tracking import RunLog, read_jsonl
 
@@ -188,19 +189,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output_dir(path: Path, *, resuming: bool) -> None:
-    if (path / "metrics.jsonl").exists() and not resuming:
-        raise ConfigError(f"output_dir: {path} already holds a run (metrics.jsonl); choose a new "
-                          "output_dir, or resume=true to continue it")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output_dir: {path} is not writable ({e.strerror})") from None
-
-
 def preflight(cfg: TrainConfig, out: Path) -> None:
     """Fail before loading anything if the disk cannot hold what coexists at the peak: the
     kept checkpoints, the one being written and the export (``checkpoint.disk_needed``).
@@ -226,7 +214,8 @@ def preflight(cfg: TrainConfig, out: Path) -> None:
 # Keys that may change when resuming: they do not alter the steps already taken.
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "eval_every", "sample_every", "save_every",
                      "keep_checkpoints", "log_every", "n_samples", "max_new_tokens", "device",
-                     "max_nonfinite_steps", "report_to", "release_memory"}
+                     "max_nonfinite_steps", "report_to", "release_memory",
+                     "output_dir"}  # a moved or copied run folder resumes where it now is
 
 
 def find_resume_point(cfg: TrainConfig, out: Path) -> Path | None:
@@ -451,7 +440,6 @@ def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
     out = Path(cfg.output_dir)
     resume_from = find_resume_point(cfg, out)
     if world.main:
-        prepare_output_dir(out, resuming=cfg.resume is not None)
         preflight(cfg, out)
     barrier(world)
     seed_everything(cfg.seed)
@@ -650,9 +638,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         raise ConfigError("device: 'cuda' requested but no CUDA device is available")
     world = init_world(cfg.device)
     try:
-        state = setup(resolve(cfg), world, progress=progress and world.main)
-        fit(state)
-        return finish(state)
+        cfg = resolve(cfg)  # the lock on output_dir is held by rank 0 until the run ends
+        with claim_output_dir(Path(cfg.output_dir), resuming=cfg.resume is not None,
+                              hold=world.main):
+            state = setup(cfg, world, progress=progress and world.main)
+            fit(state)
+            return finish(state)
     finally:
         close_world(world)
 
