@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .fastpath import pair_logps
-from .logprobs import IGNORE_INDEX, PairLogps, concatenated_logps, sequence_logps
+from .data.collate import pair_tokens
+from .fastpath import FastPaths, batch_logps
+from .logprobs import IGNORE_INDEX, PairLogps, sequence_logps
 from .losses import LossSpec, loss_spec, preference_loss, rpo_nll
 
 
@@ -40,8 +41,8 @@ class DPOObjective:
     label_smoothing: float = 0.0
     reference_free: bool = False
     logps: Literal["sum", "mean"] = "sum"
-    # Exact fast paths (preftune.fastpath); None keeps the plain concatenated forward.
-    fast: dict | None = None
+    # Exact fast paths (preftune.fastpath.decide_fast_paths); None keeps the plain forward.
+    fast: FastPaths | None = None
     simpo_gamma: float = 0.5
     rpo_alpha: float = 0.0
     # Mutable state of stateful losses (see state_dict); not part of the settings.
@@ -110,10 +111,9 @@ class DPOObjective:
         self.state["reward_count"] = self.state.get("reward_count", 0.0) + 2.0 * stats["pairs"]
 
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
-        """Chosen and rejected log-probs of a collated micro-batch under ``model``."""
-        if self.fast is None:
-            return concatenated_logps(model, batch, average=self.average)
-        return pair_logps(model, batch, average=self.average, **self.fast)
+        """Chosen and rejected log-probs of a micro-batch under ``model``: from ``fast.collate``
+        (laid out) or ``collate_pairs`` (padded)."""
+        return batch_logps(model, batch, self.fast, average=self.average)
 
     def __call__(
         self,
@@ -150,7 +150,7 @@ class DPOObjective:
             "rewards/margins": (r_c - r_r).sum(),
             "logps/chosen": pol.chosen.detach().sum(),
             "logps/rejected": pol.rejected.detach().sum(),
-            "tokens": batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum(),
+            "tokens": pair_tokens(batch),
         }
         if self.rpo_alpha:
             sums["nll"] = nll.detach().sum()

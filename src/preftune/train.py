@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from .distributed import (
     sum_across,
 )
 from .evaluate import evaluate, generate
+from .fastpath import FastPaths, decide_fast_paths
 from .lora import apply_lora, merged, reference_view
 from .memory import memory_releaser
 from .models import (
@@ -82,8 +84,12 @@ def precompute_reference(cfg: DPOConfig, reference: torch.nn.Module, data: Data,
                          pad_id: int, world: World, objective: DPOObjective) -> None:
     """Attach the reference's log-probs to every train and eval pair (cached on disk under a
     fingerprint), and keep its greedy completions of the sample prompts, which never change."""
+    fast = decide_fast_paths(objective.fast, [reference], cfg.max_length)
+    objective = dataclasses.replace(objective, fast=fast)  # for the reference as it is now
+    collate = fast.collate if fast else partial(collate_pairs, pad_token_id=pad_id)
+
     def batches(examples):
-        return micro_batches(examples, cfg.micro_batch_size, collate_pairs, pad_id, world.device)
+        return micro_batches(examples, cfg.micro_batch_size, collate, world.device)
 
     cache = cache_dir() / "reference-logps"
     was_training = reference.training  # the policy itself may serve as the reference here
@@ -256,21 +262,22 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
     return [perm[i : i + batch_size].tolist() for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def micro_batches(examples: list[Example], size: int, collate, pad_id: int, device):
-    """Collate consecutive groups of ``size`` examples, each padded only to its own length."""
+def micro_batches(examples: list[Example], size: int, collate, device):
+    """Collate consecutive groups of ``size`` examples (each padded only to its own length,
+    or laid out), on ``device``."""
     for i in range(0, len(examples), size):
-        batch = collate(examples[i : i + size], pad_id)
+        batch = collate(examples[i : i + size])
         yield {k: v.to(device) for k, v in batch.items()}
 
 
-def fast_paths(cfg: DPOConfig, pad_id: int) -> dict | None:
-    """The ``DPOObjective.fast`` settings (``preftune.fastpath.pair_logps`` keywords) of a
-    config; None when every fast path is off."""
+def fast_paths(cfg: DPOConfig, pad_id: int) -> FastPaths | None:
+    """The fast paths a config requests (``decide_fast_paths`` keeps those the models can
+    run); None when every fast path is off."""
     if not (cfg.chunked_logps or cfg.share_prompt or cfg.pack):
         return None
-    return {"pad_token_id": pad_id, "chunked": cfg.chunked_logps, "chunk_size": cfg.chunk_size,
-            "share_prompt": cfg.share_prompt, "pack": cfg.pack,
-            "segments": cfg.segment_attention, "keep_activations": cfg.keep_activations}
+    return FastPaths(pad_token_id=pad_id, chunked=cfg.chunked_logps, chunk_size=cfg.chunk_size,
+                     share_prompt=cfg.share_prompt, pack=cfg.pack,
+                     segments=cfg.segment_attention, keep_activations=cfg.keep_activations)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -361,9 +368,8 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
                                  reference_free=cfg.reference_free, logps=cfg.logps,
                                  fast=fast_paths(cfg, pad_id),
                                  simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
-        collate = collate_pairs
     else:
-        objective, collate = SFTObjective(), collate_sft
+        objective, collate = SFTObjective(), partial(collate_sft, pad_token_id=pad_id)
     policy, reference = build_models(cfg, device, tokenizer, objective.needs_reference)
     if reference is not None and cfg.precompute_reference:
         precompute_reference(cfg, reference, data, tokenizer, pad_id, world, objective)
@@ -380,6 +386,10 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     if cfg.compile:
         compile_blocks(policy)
     reference = shard(reference, world, train=False) if reference is not None else None
+    if stage == "dpo":  # the models are final: decide the fast paths for them, once
+        fast = decide_fast_paths(objective.fast, [policy, reference], cfg.max_length)
+        objective = dataclasses.replace(objective, fast=fast)
+        collate = fast.collate if fast else partial(collate_pairs, pad_token_id=pad_id)
 
     optimizer = build_optimizer(cfg, policy)
     steps_per_epoch = len(data.train) // cfg.batch_size
@@ -416,7 +426,7 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
     def run_eval() -> None:
         examples = share(data.eval, world)
         batches = with_reference(
-            micro_batches(examples, cfg.micro_batch_size, collate, pad_id, device))
+            micro_batches(examples, cfg.micro_batch_size, collate, device))
         stats = sum_across(evaluate(policy, reference, objective, batches, progress), world)
         log.eval({"split": "eval", "step": counters["step"], "examples": counters["examples"],
                   **finalize(stats)})
@@ -459,7 +469,7 @@ def _train(cfg: TrainConfig, world: World, *, progress: bool) -> Path:
         denominator = objective.denominator(examples)  # of the global batch, on every rank
         stats: Counter = Counter()
         for batch in with_reference(micro_batches(share(examples, world), cfg.micro_batch_size,
-                                                  collate, pad_id, device)):
+                                                  collate, device)):
             loss, micro_stats = objective(policy, reference, batch, denominator)
             release()  # what forward freed, before backward allocates gradients
             # FSDP averages gradients over ranks; scaling by the world size makes it a sum.
