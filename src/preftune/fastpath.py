@@ -68,10 +68,10 @@ from . import attention, recompute
 from .data.collate import (
     Examples,
     PackedLayout,
-    _as_examples,
     build_layout,
     collate_layout,
     collate_pairs,
+    pair_lists,
 )
 from .logprobs import PairLogps, concatenated_logps
 
@@ -203,14 +203,14 @@ class FastPaths:
     fallbacks: tuple[str, ...] = ()
 
     @property
-    def layout(self) -> bool:
+    def laid_out(self) -> bool:
         """Whether pairs are laid out (prompt sharing or packing) rather than one row each."""
         return self.share_prompt or self.pack
 
     @property
     def enabled(self) -> bool:
         """Whether any technique runs; else batches take the plain padded path."""
-        return self.chunked or self.layout
+        return self.chunked or self.laid_out
 
     @property
     def row_budget(self) -> int | None:
@@ -253,7 +253,7 @@ def decide_fast_paths(
     """
     if requested is None:
         return None
-    chunked, layout = requested.chunked, requested.layout
+    chunked, layout = requested.chunked, requested.laid_out
     reasons: list[str] = []
     implementations = set()
     for model in {id(m): _unwrap(m) for m in models if m is not None}.values():
@@ -546,7 +546,7 @@ def pair_logps(
     requested = FastPaths(pad_token_id=pad_token_id, chunked=chunked, chunk_size=chunk_size,
                           share_prompt=share_prompt, pack=pack, token_budget=token_budget,
                           segments=segments, keep_activations=keep_activations)
-    lists = _as_examples(examples) if requested.enabled else []
+    lists = pair_lists(examples) if requested.enabled else []
     longest = max((len(e[f"{s}_input_ids"]) for e in lists for s in ("chosen", "rejected")),
                   default=0)
     fast = decide_fast_paths(requested, [model], longest)

@@ -205,7 +205,7 @@ class _Unit:
     sequence: list[int]
 
 
-def _as_examples(examples: Examples) -> list[dict[str, list[int]]]:
+def pair_lists(examples: Examples) -> list[dict[str, list[int]]]:
     """Tokenized examples as lists (checked as ``collate_pairs`` checks them); a right-padded
     collated batch is un-padded."""
     if not isinstance(examples, Mapping):
@@ -310,7 +310,7 @@ def build_layout(
     smaller, and defaults to it. Without ``share_prompt`` and ``pack`` this is the plain
     layout of ``concatenated_logps`` (chosen rows then rejected rows, 2D padding mask).
     """
-    rows_examples = _as_examples(examples)
+    rows_examples = pair_lists(examples)
     if not rows_examples:
         raise ValueError("cannot lay out an empty batch")
     return _layout(rows_examples, pad_token_id, share_prompt, pack, token_budget, device)
@@ -397,7 +397,7 @@ def collate_layout(
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
-    lists = _as_examples(examples)
+    lists = pair_lists(examples)
     layout = _layout(lists, pad_token_id, share_prompt, pack, token_budget, None)
     tokens = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in lists)
     return {"layout": layout, "tokens": torch.tensor(tokens), **_reference_logps(examples)}
