@@ -5,8 +5,8 @@ run them (:mod:`preftune.fastpath`): each pair as one ``[shared prefix, chosen t
 tail]`` sequence (``share_prompt``), units packed into rows (``pack``), with the index of the
 position that predicts each scored token. It works on the token lists, on CPU, so the
 micro-batch reaches the device ready for the forward: no padded tensors to un-pad, no host
-sync. Segment and branch ids are what a mask (a 4D tensor today, a block mask tomorrow) is
-built from.
+sync. The segment and branch ids are what attention masks are built from (the 4D mask of
+``PackedLayout.attention_mask``; an attention kernel's block mask would use the same ids).
 """
 
 from __future__ import annotations
