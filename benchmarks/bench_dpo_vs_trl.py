@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 from random_models import SHAPES, build_random
@@ -146,6 +147,7 @@ def run_preftune(args: argparse.Namespace) -> dict:
     torch = setup_torch()
     from preftune.config import DPOConfig, parse_config
     from preftune.data import collate_pairs, pad_id_for, tokenize_pair
+    from preftune.fastpath import decide_fast_paths
     from preftune.models import enable_activation_checkpointing, load_model, load_tokenizer
     from preftune.reference import attach, compute_reference_logps
     from preftune.step import DPOObjective
@@ -158,18 +160,21 @@ def run_preftune(args: argparse.Namespace) -> dict:
     examples = [tokenize_pair(p, tokenizer, max_length=args.max_length,
                               max_prompt_length=args.max_prompt_length)
                 for p in load_pairs(args.pairs)]
-    objective = DPOObjective(beta=cfg.beta, fast=fast_paths(cfg, pad))
     policy = load_model(args.model, dtype=dtype_of(args)).to(args.device)
     policy.train()
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(policy)
+    # As the training loop: decided once for the model, batches laid out by the collate step.
+    fast = decide_fast_paths(fast_paths(cfg, pad), [policy], args.max_length)
+    objective = DPOObjective(beta=cfg.beta, fast=fast)
+    collate = fast.collate if fast else partial(collate_pairs, pad_token_id=pad)
 
     # One-off: the frozen reference's log-probs (as preftune.train.precompute_reference, no
     # cache): the reference is the policy's starting point, so the policy computes them itself.
 
     def batches(exs):
         for i in range(0, len(exs), args.pairs):
-            batch = collate_pairs(exs[i : i + args.pairs], pad)
+            batch = collate(exs[i : i + args.pairs])
             yield {k: v.to(args.device) for k, v in batch.items()}
 
     t = time.perf_counter()
@@ -190,7 +195,7 @@ def run_preftune(args: argparse.Namespace) -> dict:
     def step() -> float:
         sync(args)
         start = time.perf_counter()
-        batch = {k: v.to(args.device) for k, v in collate_pairs(examples, pad).items()}
+        batch = {k: v.to(args.device) for k, v in collate(examples).items()}
         loss, _ = objective(policy, None, batch, objective.denominator(examples))
         release()
         loss.backward()

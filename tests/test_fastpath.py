@@ -446,7 +446,7 @@ def test_config_fast_paths_are_pair_logps_keywords():
 
     cfg = DPOConfig(model="m", dataset="d")
     fast = fast_paths(cfg, 0)
-    assert set(fast) <= set(inspect.signature(pair_logps).parameters)
-    assert fast["segments"] is cfg.segment_attention is True
+    assert set(fast.flags()) <= set(inspect.signature(pair_logps).parameters)
+    assert fast.segments is cfg.segment_attention is True
     off = DPOConfig(model="m", dataset="d", chunked_logps=False, share_prompt=False, pack=False)
     assert fast_paths(off, 0) is None

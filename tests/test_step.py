@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from preftune.data import collate_pairs
-from preftune.fastpath import FastpathFallbackWarning
+from preftune.fastpath import FastpathFallbackWarning, FastPaths
 from preftune.logprobs import concatenated_logps
 from preftune.losses import LOSS_KINDS, preference_loss
 from preftune.reference import FrozenReference, NoReference, PrecomputedReference
@@ -247,8 +247,7 @@ def test_fast_path_gives_the_same_objective(models, kind, logps):
     batch = collate_pairs(_examples(n=6), 0)
     settings = {"beta": BETA, "kind": kind, "logps": logps, "rpo_alpha": 0.5,
                 "label_smoothing": 0.1 if kind == "robust" else 0.0}
-    fast = {"pad_token_id": 0, "chunked": True, "chunk_size": 8, "share_prompt": True,
-            "pack": True}
+    fast = FastPaths(pad_token_id=0, chunked=True, chunk_size=8, share_prompt=True, pack=True)
     plain, fast_obj = DPOObjective(**settings), DPOObjective(**settings, fast=fast)
     for objective in (plain, fast_obj):
         objective.load_state_dict({"reward_sum": 1.0, "reward_count": 8.0}

@@ -36,19 +36,27 @@ dense [V, H] lookup gradient is built next to the (tied head's or previous micro
 The layout techniques need a model whose attention takes a custom 4D mask and position ids as
 given: transformers' Llama, Mistral, Qwen2, Qwen3 and GPT-2 with the ``sdpa`` or ``eager``
 attention (``create_causal_mask`` returns a 4D mask as-is; ``sdpa`` gets a boolean mask, True =
-attend, ``eager`` an additive float mask). A sliding window longer than every sequence is a
-no-op and is accepted; a shorter one is not (the model would not apply it to a custom mask).
-The chunked head needs a plain ``nn.Linear`` output layer and no logit soft-capping/scaling.
-Anything else falls back (per technique) to the plain computation with one warning, so results
-are always those of ``concatenated_logps`` up to float rounding. Exactness also assumes no
-dropout (the training loop disables it).
+attend, ``eager`` an additive float mask). A sliding window at least as long as every sequence
+(``max_length``) is a no-op and is accepted; a shorter one is not (the model would not apply it
+to a custom mask), even if most sequences are shorter. The chunked head needs a plain
+``nn.Linear`` output layer and no logit soft-capping/scaling. Anything else falls back (per
+technique) to the plain computation with one warning, so results are always those of
+``concatenated_logps`` up to float rounding. Exactness also assumes no dropout (the training
+loop disables it).
+
+All of this is decided once, at setup: :func:`decide_fast_paths` checks every model that runs
+forwards on the run's batches and returns a frozen :class:`FastPaths`; its ``collate`` lays
+micro-batches out on CPU (:func:`preftune.data.collate.collate_layout`), and
+:func:`batch_logps` runs a laid-out micro-batch with no further check and no host sync.
+:func:`pair_logps` does all three in one call, for tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,20 +65,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import attention, recompute
-from .attention import Segment
-from .data.collate import collate_pairs
-from .logprobs import IGNORE_INDEX, PairLogps, concatenated_logps
+from .data.collate import (
+    Examples,
+    PackedLayout,
+    build_layout,
+    collate_layout,
+    collate_pairs,
+    pair_lists,
+)
+from .logprobs import PairLogps, concatenated_logps
 
 __all__ = [
+    "FastPaths",
     "FastpathFallbackWarning",
     "PackedLayout",
+    "batch_logps",
     "build_layout",
     "chunked_target_logps",
+    "decide_fast_paths",
     "pair_logps",
     "supports_fastpath",
 ]
-
-Examples = Sequence[Mapping[str, Sequence[int]]] | Mapping[str, Tensor]
 
 # Causal-LM classes whose forward is exactly ``lm_head(base_model(...).last_hidden_state)`` and
 # whose attention honours a custom 4D mask plus position ids (checked against transformers 5).
@@ -142,7 +157,7 @@ def _layout_reason(model: nn.Module) -> str | None:
 def _window_reason(model: nn.Module, longest: int) -> str | None:
     window = getattr(getattr(model, "config", None), "sliding_window", None)
     if window is not None and longest > window:
-        return f"sliding_window={window} is shorter than a sequence ({longest} tokens)"
+        return f"sliding_window={window} is shorter than a sequence may be ({longest} tokens)"
     return None
 
 
@@ -151,8 +166,8 @@ def supports_fastpath(
 ) -> bool | str:
     """True when every requested technique applies to ``model``, else the reason(s) why not.
 
-    Data-dependent limits (a sliding window shorter than a sequence) are checked by
-    :func:`pair_logps` per batch.
+    The length-dependent limit (a sliding window shorter than a sequence) is checked by
+    :func:`decide_fast_paths` against the longest sequence the run can have.
     """
     if (chunked or share_prompt or pack) and (r := _family_reason(model)):
         return r
@@ -162,6 +177,110 @@ def supports_fastpath(
     if (share_prompt or pack) and (r := _layout_reason(model)):
         reasons.append(f"share_prompt/pack: {r}")
     return "; ".join(reasons) if reasons else True
+
+
+# ----------------------------------------------------------------------------- the decision
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which exact fast paths run (the keywords of :func:`pair_logps`), and why requested ones
+    do not (``fallbacks``, one reason each).
+
+    A requested value comes from the settings; :func:`decide_fast_paths` turns it into the
+    value a run uses, once, for its models. ``segments`` in a decided value means every model
+    attends per pair segment (all use ``sdpa``).
+    """
+
+    pad_token_id: int
+    chunked: bool = True
+    chunk_size: int = 1024
+    share_prompt: bool = True
+    pack: bool = True
+    token_budget: int | None = None
+    segments: bool = True
+    keep_activations: bool = True
+    fallbacks: tuple[str, ...] = ()
+
+    @property
+    def laid_out(self) -> bool:
+        """Whether pairs are laid out (prompt sharing or packing) rather than one row each."""
+        return self.share_prompt or self.pack
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any technique runs; else batches take the plain padded path."""
+        return self.chunked or self.laid_out
+
+    @property
+    def row_budget(self) -> int | None:
+        """The packed rows' token cap: with segment attention and no ``token_budget``, none
+        (the micro-batch in one row: no padding, and no [L, L] mask to fear)."""
+        if self.segments and self.pack and self.token_budget is None:
+            return sys.maxsize
+        return self.token_budget
+
+    def flags(self) -> dict[str, Any]:
+        """The keywords of :func:`pair_logps` that reproduce this value."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "fallbacks"}
+
+    def collate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """A micro-batch of ``tokenize_pair`` outputs ready for :func:`batch_logps` under this
+        (decided) value, on CPU: laid out when any technique runs, else padded."""
+        if not self.enabled:
+            return collate_pairs(examples, self.pad_token_id)
+        return collate_layout(examples, self.pad_token_id, share_prompt=self.share_prompt,
+                              pack=self.pack, token_budget=self.row_budget)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (its adapters live in the layers)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decide_fast_paths(
+    requested: FastPaths | None, models: Iterable[nn.Module | None], max_length: int
+) -> FastPaths | None:
+    """The fast paths a run uses: ``requested`` less what one of ``models`` cannot run.
+
+    ``models`` are every model that runs forwards on the run's micro-batches (the policy,
+    possibly PEFT-wrapped or FSDP-sharded, and a live reference model; None entries are
+    skipped), whose sequences have at most ``max_length`` tokens. The batches are laid out
+    once for all of them, so a technique one model cannot use is off for all. Requested
+    techniques that are off are listed in ``fallbacks`` and in one
+    :class:`FastpathFallbackWarning`. None when nothing was requested.
+    """
+    if requested is None:
+        return None
+    chunked, layout = requested.chunked, requested.laid_out
+    reasons: list[str] = []
+    implementations = set()
+    for model in {id(m): _unwrap(m) for m in models if m is not None}.values():
+        found = []
+        if (chunked or layout) and (r := _family_reason(model)):
+            found.append(f"fast paths off ({r})")
+            chunked = layout = False
+        if chunked and (r := _chunk_reason(model)):
+            found.append(f"chunked log-probs off ({r})")
+            chunked = False
+        if layout and (r := _layout_reason(model) or _window_reason(model, max_length)):
+            found.append(f"prompt sharing/packing off ({r})")
+            layout = False
+        if layout:
+            implementations.add(model.config._attn_implementation)
+        reasons += [r for r in found if r not in reasons]
+    segments = requested.segments and layout and implementations == {"sdpa"}
+    if segments:
+        attention.install()
+    if reasons:
+        # Reported from here: the same reasons found again (say, for the reference before
+        # the policy) print once.
+        warnings.warn(f"preftune.fastpath: {'; '.join(reasons)}", FastpathFallbackWarning,
+                      stacklevel=1)
+    return dataclasses.replace(
+        requested, chunked=chunked, share_prompt=requested.share_prompt and layout,
+        pack=requested.pack and layout, segments=segments, fallbacks=tuple(reasons))
 
 
 # ----------------------------------------------------------------------------- chunked head
@@ -309,326 +428,32 @@ def chunked_target_logps(
     return _ChunkedTargetLogp.apply(hidden, weight, bias, targets, chunk_size, keep_rows)
 
 
-# ----------------------------------------------------------------------------- layout
+# ----------------------------------------------------------------------------- entry points
 
 
-@dataclass(frozen=True)
-class PackedLayout:
-    """Rows to run through the model, and where each scored token's predictor sits in them.
-
-    ``position_ids``/``segment_ids``/``branch_ids`` are None for the plain layout (one row per
-    sequence, 2D ``padding_mask``). Otherwise ``segment_ids`` numbers the units (-1 on padding)
-    and ``branch_ids`` is 0 on tokens every unit token may see (shared prefix, or a whole
-    unshared sequence), 1 on a chosen tail and 2 on a rejected tail.
-    """
-
-    input_ids: Tensor  # [R, L]
-    padding_mask: Tensor  # [R, L], 1 on real tokens
-    position_ids: Tensor | None  # [R, L]
-    segment_ids: Tensor | None  # [R, L]
-    branch_ids: Tensor | None  # [R, L]
-    source: Tensor  # [N] flat index into R * L of the position predicting each scored token
-    targets: Tensor  # [N] the scored token ids
-    sequence: Tensor  # [N] i for pair i's chosen, n_pairs + i for its rejected
-    counts: Tensor  # [2 * n_pairs] scored tokens per sequence
-    n_pairs: int
-    # per row, (start, shared, chosen, rejected) of each unit (preftune.attention); None for
-    # the plain layout
-    segments: tuple[tuple[Segment, ...], ...] | None = None
-
-    def attention_mask(self, implementation: str, dtype: torch.dtype) -> Tensor:
-        """2D padding mask (plain layout), else the 4D mask [R, 1, L, L] for ``implementation``.
-
-        ``sdpa`` gets a boolean mask (True = attend); ``eager`` an additive one (0 or the
-        dtype's minimum). Padding queries attend only to themselves, which keeps them finite.
-        """
-        if self.segment_ids is None or self.branch_ids is None:
-            return self.padding_mask
-        seg, branch = self.segment_ids, self.branch_ids
-        length = seg.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
-        allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0) & causal
-        allowed &= (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
-        allowed |= torch.eye(length, dtype=torch.bool, device=seg.device)
-        allowed = allowed[:, None]
-        if implementation == "sdpa":
-            return allowed
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-@dataclass
-class _Unit:
-    ids: list[int]
-    positions: list[int]
-    branch: list[int]
-    pred: list[int]  # local index of the predicting position of each scored token
-    targets: list[int]
-    sequence: list[int]
-
-
-def _as_examples(examples: Examples) -> list[dict[str, list[int]]]:
-    """Tokenized examples as lists; a right-padded collated batch is un-padded."""
-    if isinstance(examples, Mapping):
-        out: list[dict[str, list[int]]] = [{} for _ in range(len(examples["chosen_input_ids"]))]
-        for name in ("chosen", "rejected"):
-            ids, mask = examples[f"{name}_input_ids"], examples[f"{name}_attention_mask"]
-            labels = examples[f"{name}_labels"]
-            for i, n in enumerate(mask.sum(-1).tolist()):
-                if not bool(mask[i, :n].all()):
-                    raise ValueError(f"{name} row {i} is not right-padded")
-                out[i][f"{name}_input_ids"] = ids[i, :n].tolist()
-                out[i][f"{name}_labels"] = labels[i, :n].tolist()
-        return out
-    return [
-        {k: list(e[k]) for k in ("chosen_input_ids", "chosen_labels",
-                                 "rejected_input_ids", "rejected_labels")}
-        for e in examples
-    ]
-
-
-def _scored(labels: list[int], pred_of: Any, sequence: int, unit: _Unit) -> int:
-    count = 0
-    for t in range(1, len(labels)):
-        if labels[t] != IGNORE_INDEX:
-            unit.pred.append(pred_of(t - 1))
-            unit.targets.append(labels[t])
-            unit.sequence.append(sequence)
-            count += 1
-    return count
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _units(
-    examples: list[dict[str, list[int]]], share_prompt: bool
-) -> tuple[list[_Unit], list[int]]:
-    b = len(examples)
-    counts = [0] * (2 * b)
-    units: list[_Unit] = []
-    if share_prompt:
-        for i, e in enumerate(examples):
-            c, r = e["chosen_input_ids"], e["rejected_input_ids"]
-            nc, nr = len(c), len(r)
-            s = _common_prefix(c, r)
-            u = _Unit(
-                ids=c + r[s:],
-                positions=list(range(nc)) + list(range(s, nr)),
-                branch=[0] * s + [1] * (nc - s) + [2] * (nr - s),
-                pred=[], targets=[], sequence=[],
-            )
-            counts[i] = _scored(e["chosen_labels"], lambda p: p, i, u)
-            # a rejected position p >= s sits after the chosen tail: at nc + (p - s)
-            counts[b + i] = _scored(
-                e["rejected_labels"], lambda p, s=s, nc=nc: p if p < s else nc + p - s, b + i, u
-            )
-            units.append(u)
-    else:  # all chosen, then all rejected: the row order of concatenated_logps
-        for side, name in enumerate(("chosen", "rejected")):
-            for i, e in enumerate(examples):
-                ids = e[f"{name}_input_ids"]
-                u = _Unit(ids=list(ids), positions=list(range(len(ids))), branch=[0] * len(ids),
-                          pred=[], targets=[], sequence=[])
-                counts[side * b + i] = _scored(e[f"{name}_labels"], lambda p: p, side * b + i, u)
-                units.append(u)
-    return units, counts
-
-
-def _pack(lengths: list[int], budget: int) -> list[list[int]]:
-    """First-fit decreasing: unit indices per row, each row's total length <= budget."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for u in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
-        for r, room in enumerate(free):
-            if lengths[u] <= room:
-                rows[r].append(u)
-                free[r] -= lengths[u]
-                break
-        else:
-            rows.append([u])
-            free.append(budget - lengths[u])
-    return rows
-
-
-def build_layout(
-    examples: Examples,
-    *,
-    pad_token_id: int,
-    share_prompt: bool = True,
-    pack: bool = True,
-    token_budget: int | None = None,
-    device: torch.device | str | None = None,
-) -> PackedLayout:
-    """Lay a micro-batch out as model rows (see the module docstring for the techniques).
-
-    ``token_budget`` caps a packed row's length; it is raised to the longest unit when
-    smaller, and defaults to it. Without ``share_prompt`` and ``pack`` this is the plain
-    layout of ``concatenated_logps`` (chosen rows then rejected rows, 2D padding mask).
-    """
-    rows_examples = _as_examples(examples)
-    if not rows_examples:
-        raise ValueError("cannot lay out an empty batch")
-    n_pairs = len(rows_examples)
-    units, counts = _units(rows_examples, share_prompt)
-    lengths = [len(u.ids) for u in units]
-    if pack:
-        budget = max(max(lengths), token_budget or 0)
-        rows = _pack(lengths, budget)
-    else:
-        rows = [[k] for k in range(len(units))]
-    length = max(sum(lengths[k] for k in row) for row in rows)
-
-    ids, pos, seg, branch, real = [], [], [], [], []
-    segments: list[tuple[Segment, ...]] = []
-    source: list[int] = []
-    targets: list[int] = []
-    sequence: list[int] = []
-    for r, row in enumerate(rows):
-        row_ids, row_pos, row_seg, row_branch = [], [], [], []
-        row_segments = []
-        for k in row:
-            u = units[k]
-            row_segments.append((len(row_ids), u.branch.count(0), u.branch.count(1),
-                                 u.branch.count(2)))
-            base = r * length + len(row_ids)
-            source.extend(base + p for p in u.pred)
-            targets.extend(u.targets)
-            sequence.extend(u.sequence)
-            row_ids += u.ids
-            row_pos += u.positions
-            row_seg += [k] * len(u.ids)
-            row_branch += u.branch
-        pad = length - len(row_ids)
-        real.append([1] * len(row_ids) + [0] * pad)
-        ids.append(row_ids + [pad_token_id] * pad)
-        pos.append(row_pos + [0] * pad)
-        seg.append(row_seg + [-1] * pad)
-        branch.append(row_branch + [0] * pad)
-        segments.append(tuple(row_segments))
-
-    def t(x: list) -> Tensor:
-        return torch.tensor(x, dtype=torch.long, device=device)
-
-    layout_4d = share_prompt or pack
-    return PackedLayout(
-        input_ids=t(ids),
-        padding_mask=t(real),
-        position_ids=t(pos) if layout_4d else None,
-        segment_ids=t(seg) if layout_4d else None,
-        branch_ids=t(branch) if layout_4d else None,
-        source=t(source),
-        targets=t(targets),
-        sequence=t(sequence),
-        counts=t(counts),
-        n_pairs=n_pairs,
-        segments=tuple(segments) if layout_4d else None,
-    )
-
-
-# ----------------------------------------------------------------------------- entry point
-
-
-def _plain_batch(examples: Examples, pad_token_id: int) -> dict[str, Tensor]:
-    if isinstance(examples, Mapping):
-        return dict(examples)
-    return collate_pairs(examples, pad_token_id)
-
-
-def pair_logps(
-    model: nn.Module,
-    examples: Examples,
-    *,
-    pad_token_id: int,
-    average: bool = False,
-    chunked: bool = True,
-    chunk_size: int = 1024,
-    share_prompt: bool = True,
-    pack: bool = True,
-    token_budget: int | None = None,
-    segments: bool = True,
-    keep_activations: bool = True,
+def _layout_logps(
+    model: nn.Module, layout: PackedLayout, fast: FastPaths, average: bool
 ) -> PairLogps:
-    """Chosen/rejected log-probs of a micro-batch, as ``concatenated_logps`` computes them.
-
-    ``examples`` is a list of ``tokenize_pair`` outputs, or the right-padded batch of
-    ``collate_pairs``. Pairs keep their input order. ``average`` gives the mean per scored
-    token. ``segments``: with ``share_prompt`` or ``pack`` on an ``sdpa`` model, attend per
-    pair segment (:mod:`preftune.attention`) instead of through a 4D mask; packing then puts
-    the whole micro-batch in one row (no padding) unless ``token_budget`` is given.
-    ``keep_activations`` (with ``chunked``): while the trainable parameters have no gradients
-    yet (a step's first micro-batch), keep the output layer's chunk logits and then the last
-    checkpointed blocks' activations for backward instead of recomputing them, up to the
-    gradients' size (:mod:`preftune.recompute`). Techniques the model cannot use fall back to
-    the plain path with one :class:`FastpathFallbackWarning`.
-    """
-    outer = model  # what the plain path calls: under FSDP only the root gathers parameters
-    if hasattr(model, "get_base_model"):  # PEFT: the adapters live inside the model's layers
-        model = model.get_base_model()
-    reasons = []
-    if (chunked or share_prompt or pack) and (r := _family_reason(model)):
-        reasons.append(f"fast paths off ({r})")
-        chunked = share_prompt = pack = False
-    if chunked and (r := _chunk_reason(model)):
-        reasons.append(f"chunked log-probs off ({r})")
-        chunked = False
-    if share_prompt or pack:
-        r = _layout_reason(model)
-        if r is None:
-            lists = _as_examples(examples)
-            longest = max(len(e[f"{s}_input_ids"]) for e in lists for s in ("chosen", "rejected"))
-            r = _window_reason(model, longest)
-            examples = lists
-        if r:
-            reasons.append(f"prompt sharing/packing off ({r})")
-            share_prompt = pack = False
-    if reasons:
-        warnings.warn(f"preftune.fastpath: {'; '.join(reasons)}", FastpathFallbackWarning,
-                      stacklevel=2)
-    if not (chunked or share_prompt or pack):
-        return concatenated_logps(outer, _plain_batch(examples, pad_token_id), average=average)
-
+    """Log-probs of a laid-out micro-batch (tensors on the model's device) under ``fast``,
+    decided for ``model``: no capability check, no host sync."""
+    outer = model  # what the recompute budget counts: every trainable parameter
+    model = _unwrap(model)
     embedding = model.get_input_embeddings()
-    embed = embedding.weight
-    impl = model.config._attn_implementation
-    segmented = segments and (share_prompt or pack) and impl == "sdpa"
-    if segmented and pack and token_budget is None:
-        token_budget = sys.maxsize  # no cap: the micro-batch in one row
-    layout = build_layout(examples, pad_token_id=pad_token_id, share_prompt=share_prompt,
-                          pack=pack, token_budget=token_budget, device=embed.device)
     inputs: dict[str, Any] = {**_embed(embedding, layout.input_ids), "use_cache": False}
     plan = None
-    if segmented:
-        attention.install()
+    if fast.segments and layout.segments is not None:
+        attention.install()  # done at the decision; cached, for values built by hand
         plan = attention.Plan(layout.segments)
         # The 2D padding mask keeps transformers from building a 4D mask of its own (it would
         # go unused): all ones (one packed row) builds none.
         inputs.update({"attention_mask": layout.padding_mask, attention.PLAN_KEY: plan})
     else:
-        inputs["attention_mask"] = layout.attention_mask(impl, embed.dtype)
+        impl = model.config._attn_implementation
+        inputs["attention_mask"] = layout.attention_mask(impl, embedding.weight.dtype)
     if layout.position_ids is not None:
         inputs["position_ids"] = layout.position_ids
-    if chunked:
-        head = model.get_output_embeddings()
-        spare = recompute.spare_bytes(outer) if keep_activations and torch.is_grad_enabled() else 0
-        # The output layer's backward runs first and allocates its weight's gradient while
-        # everything kept is alive; then keep its logits first, then whole blocks.
-        if head.weight.requires_grad and head.weight.grad is None:
-            spare = max(0, spare - head.weight.numel() * head.weight.element_size())
-        row = head.weight.shape[0] * torch.promote_types(head.weight.dtype, torch.float32).itemsize
-        rows = layout.targets.numel()
-        keep_rows = rows if rows * row <= spare else spare // row // chunk_size * chunk_size
-        with recompute.keep_last_blocks(model, layout.input_ids.numel(), spare - keep_rows * row):
-            hidden = model.base_model(**inputs).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.source)
-        token_logps = chunked_target_logps(hidden, head.weight, head.bias, layout.targets,
-                                           chunk_size, keep_rows)
+    if fast.chunked:
+        token_logps = _chunked_logps(outer, model, inputs, layout, fast)
     else:
         logits = model(**inputs).logits
         vocab = logits.shape[-1]
@@ -645,3 +470,89 @@ def pair_logps(
     if average:
         totals = totals / layout.counts.clamp(min=1)
     return PairLogps(totals[:n], totals[n:], layout.counts[:n], layout.counts[n:])
+
+
+def _chunked_logps(outer: nn.Module, model: nn.Module, inputs: dict[str, Any],
+                   layout: PackedLayout, fast: FastPaths) -> Tensor:
+    """The scored tokens' log-probs through the decoder body and the chunked output layer."""
+    head = model.get_output_embeddings()
+    chunk_size = fast.chunk_size
+    keep = fast.keep_activations and torch.is_grad_enabled()
+    spare = recompute.spare_bytes(outer) if keep else 0
+    # The output layer's backward runs first and allocates its weight's gradient while
+    # everything kept is alive; then keep its logits first, then whole blocks.
+    if head.weight.requires_grad and head.weight.grad is None:
+        spare = max(0, spare - head.weight.numel() * head.weight.element_size())
+    row = head.weight.shape[0] * torch.promote_types(head.weight.dtype, torch.float32).itemsize
+    rows = layout.targets.numel()
+    keep_rows = rows if rows * row <= spare else spare // row // chunk_size * chunk_size
+    with recompute.keep_last_blocks(model, layout.input_ids.numel(), spare - keep_rows * row):
+        hidden = model.base_model(**inputs).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.source)
+    return chunked_target_logps(hidden, head.weight, head.bias, layout.targets, chunk_size,
+                                keep_rows)
+
+
+def batch_logps(
+    model: nn.Module, batch: Mapping[str, Any], fast: FastPaths | None, *, average: bool = False
+) -> PairLogps:
+    """Chosen/rejected log-probs of one micro-batch, as ``concatenated_logps`` computes them.
+
+    ``batch`` comes from ``fast.collate`` (``fast`` decided for ``model``, tensors moved to
+    its device): a laid-out batch runs as it is. A padded ``collate_pairs`` batch takes the
+    plain path when ``fast`` is None or all off; otherwise it goes through :func:`pair_logps`,
+    which decides and lays out for this one call.
+    """
+    layout = batch.get("layout")
+    if layout is not None:
+        if fast is None:
+            raise ValueError("a laid-out micro-batch needs the FastPaths it was collated with")
+        return _layout_logps(model, layout, fast, average)
+    if fast is None or not fast.enabled:
+        return concatenated_logps(model, batch, average=average)
+    return pair_logps(model, batch, average=average, **fast.flags())
+
+
+def pair_logps(
+    model: nn.Module,
+    examples: Examples,
+    *,
+    pad_token_id: int,
+    average: bool = False,
+    chunked: bool = True,
+    chunk_size: int = 1024,
+    share_prompt: bool = True,
+    pack: bool = True,
+    token_budget: int | None = None,
+    segments: bool = True,
+    keep_activations: bool = True,
+) -> PairLogps:
+    """Chosen/rejected log-probs of a micro-batch, as ``concatenated_logps`` computes them:
+    decide the fast paths for ``model`` and these sequences, lay the batch out, run it (the
+    training loop does the first two once per run and per micro-batch, see the module
+    docstring).
+
+    ``examples`` is a list of ``tokenize_pair`` outputs, or the right-padded batch of
+    ``collate_pairs``. Pairs keep their input order. ``average`` gives the mean per scored
+    token. ``segments``: with ``share_prompt`` or ``pack`` on an ``sdpa`` model, attend per
+    pair segment (:mod:`preftune.attention`) instead of through a 4D mask; packing then puts
+    the whole micro-batch in one row (no padding) unless ``token_budget`` is given.
+    ``keep_activations`` (with ``chunked``): while the trainable parameters have no gradients
+    yet (a step's first micro-batch), keep the output layer's chunk logits and then the last
+    checkpointed blocks' activations for backward instead of recomputing them, up to the
+    gradients' size (:mod:`preftune.recompute`). Techniques the model cannot use fall back to
+    the plain path with one :class:`FastpathFallbackWarning`.
+    """
+    requested = FastPaths(pad_token_id=pad_token_id, chunked=chunked, chunk_size=chunk_size,
+                          share_prompt=share_prompt, pack=pack, token_budget=token_budget,
+                          segments=segments, keep_activations=keep_activations)
+    lists = pair_lists(examples) if requested.enabled else []
+    longest = max((len(e[f"{s}_input_ids"]) for e in lists for s in ("chosen", "rejected")),
+                  default=0)
+    fast = decide_fast_paths(requested, [model], longest)
+    if not fast.enabled:
+        batch = examples if isinstance(examples, Mapping) else collate_pairs(examples,
+                                                                               pad_token_id)
+        return concatenated_logps(model, batch, average=average)
+    device = _unwrap(model).get_input_embeddings().weight.device
+    return _layout_logps(model, fast.collate(lists)["layout"].to(device), fast, average)

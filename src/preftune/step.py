@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from .fastpath import pair_logps
-from .logprobs import IGNORE_INDEX, PairLogps, concatenated_logps, sequence_logps
+from .data.collate import pair_tokens
+from .fastpath import FastPaths, batch_logps
+from .logprobs import IGNORE_INDEX, PairLogps, sequence_logps
 from .losses import LossSpec, PreferenceLoss, rpo_nll
 from .reference import Reference
 
@@ -46,8 +47,8 @@ class DPOObjective:
     label_smoothing: float = 0.0
     reference_free: bool = False
     logps: Literal["sum", "mean"] = "sum"
-    # Exact fast paths (preftune.fastpath); None keeps the plain concatenated forward.
-    fast: dict | None = None
+    # Exact fast paths (preftune.fastpath.decide_fast_paths); None keeps the plain forward.
+    fast: FastPaths | None = None
     simpo_gamma: float = 0.5
     rpo_alpha: float = 0.0
     options: Mapping[str, float] = field(default_factory=dict)
@@ -65,7 +66,7 @@ class DPOObjective:
         object.__setattr__(self, "loss", loss)
 
     @classmethod
-    def from_config(cls, cfg: DPOConfig, fast: dict | None = None) -> DPOObjective:
+    def from_config(cls, cfg: DPOConfig, fast: FastPaths | None = None) -> DPOObjective:
         extra = {k: v for k, v in cfg.loss_values().items()
                  if k not in ("label_smoothing", "simpo_gamma")}
         return cls(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
@@ -109,10 +110,9 @@ class DPOObjective:
         self.loss.after_step(stats)
 
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
-        """Chosen and rejected log-probs of a collated micro-batch under ``model``."""
-        if self.fast is None:
-            return concatenated_logps(model, batch, average=self.average)
-        return pair_logps(model, batch, average=self.average, **self.fast)
+        """Chosen and rejected log-probs of a micro-batch under ``model``: from ``fast.collate``
+        (laid out) or ``collate_pairs`` (padded)."""
+        return batch_logps(model, batch, self.fast, average=self.average)
 
     def __call__(
         self,
@@ -137,7 +137,7 @@ class DPOObjective:
             "rewards/margins": (r_c - r_r).sum(),
             "logps/chosen": pol.chosen.detach().sum(),
             "logps/rejected": pol.rejected.detach().sum(),
-            "tokens": batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum(),
+            "tokens": pair_tokens(batch),
         }
         if self.rpo_alpha:
             sums["nll"] = nll.detach().sum()

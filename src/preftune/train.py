@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from .distributed import (
     sum_across,
 )
 from .evaluate import evaluate, generate
+from .fastpath import FastPaths, decide_fast_paths
 from .lora import apply_lora, merged
 from .memory import memory_releaser
 from .models import (
@@ -121,7 +123,7 @@ class TrainState:
     objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    collate: Callable[[list[Example], int], dict]
+    collate: Callable[[list[Example]], dict]  # examples -> a micro-batch, padded or laid out
     pad_id: int
     total_steps: int
     data: Data | None = None
@@ -140,8 +142,11 @@ def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad
     """Attach ``model``'s log-probs to every train and eval pair (cached on disk under a
     fingerprint) and take its completions of the sample prompts: the reference is then
     numbers, and the model can be freed."""
+    objective = with_fast_paths(objective, [model], cfg.max_length)  # for the model as it is
+    collate = collate_for(objective, pad)
+
     def batches(examples):
-        return micro_batches(examples, cfg.micro_batch_size, collate_pairs, pad, world.device)
+        return micro_batches(examples, cfg.micro_batch_size, collate, world.device)
 
     cache = cache_dir() / "reference-logps"
     was_training = model.training  # the policy itself may serve as the reference here
@@ -306,21 +311,22 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
     return [perm[i : i + batch_size].tolist() for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def micro_batches(examples: list[Example], size: int, collate, pad_id: int, device):
-    """Collate consecutive groups of ``size`` examples, each padded only to its own length."""
+def micro_batches(examples: list[Example], size: int, collate, device):
+    """Collate consecutive groups of ``size`` examples (each padded only to its own length,
+    or laid out), on ``device``."""
     for i in range(0, len(examples), size):
-        batch = collate(examples[i : i + size], pad_id)
+        batch = collate(examples[i : i + size])
         yield {k: v.to(device) for k, v in batch.items()}
 
 
-def fast_paths(cfg: DPOConfig, pad_id: int) -> dict | None:
-    """The ``DPOObjective.fast`` settings (``preftune.fastpath.pair_logps`` keywords) of a
-    config; None when every fast path is off."""
+def fast_paths(cfg: DPOConfig, pad_id: int) -> FastPaths | None:
+    """The fast paths a config requests (``decide_fast_paths`` keeps those the models can
+    run); None when every fast path is off."""
     if not (cfg.chunked_logps or cfg.share_prompt or cfg.pack):
         return None
-    return {"pad_token_id": pad_id, "chunked": cfg.chunked_logps, "chunk_size": cfg.chunk_size,
-            "share_prompt": cfg.share_prompt, "pack": cfg.pack,
-            "segments": cfg.segment_attention, "keep_activations": cfg.keep_activations}
+    return FastPaths(pad_token_id=pad_id, chunked=cfg.chunked_logps, chunk_size=cfg.chunk_size,
+                     share_prompt=cfg.share_prompt, pack=cfg.pack,
+                     segments=cfg.segment_attention, keep_activations=cfg.keep_activations)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -378,8 +384,9 @@ def load_frozen(cfg: DPOConfig, device: torch.device, policy: torch.nn.Module) -
 
 
 def build_models(cfg: TrainConfig, world: World, tokenizer, data: Data, objective: Objective,
-                 generate: Sampler | None) -> tuple[torch.nn.Module, Reference]:
-    """The policy (LoRA-wrapped, sharded, compiled as configured) and its ``Reference``.
+                 generate: Sampler | None) -> tuple[torch.nn.Module, Reference, Objective]:
+    """The policy (LoRA-wrapped, sharded, compiled as configured), its ``Reference``, and the
+    objective with the fast paths these final models run (decided once, here).
 
     The reference is the policy's own starting point when ``reference`` names the same model:
     then precomputing it (``precompute_reference``) or bypassing the LoRA adapters needs no
@@ -396,23 +403,42 @@ def build_models(cfg: TrainConfig, world: World, tokenizer, data: Data, objectiv
         gc.collect()
     if cfg.lora:
         policy = apply_lora(policy, cfg)
-        if same and not cfg.precompute_reference:
-            reference = AdapterOffReference(policy, objective.sequence_logps)
     elif same and not cfg.precompute_reference:  # a live copy of the policy's start
         frozen = load_frozen(cfg, world.device, policy)
     policy = shard(policy, world, train=True)
     if cfg.compile:
         compile_blocks(policy)
+    frozen = shard(frozen, world, train=False) if frozen is not None else None
+    objective = with_fast_paths(objective, [policy, frozen], cfg.max_length)
     if frozen is not None:
-        reference = FrozenReference(shard(frozen, world, train=False), objective.sequence_logps)
-    return policy, reference
+        reference = FrozenReference(frozen, objective.sequence_logps)
+    elif cfg.lora and same and not cfg.precompute_reference:
+        reference = AdapterOffReference(policy, objective.sequence_logps)
+    return policy, reference, objective
 
 
-def build_objective(cfg: TrainConfig, pad_id: int) -> tuple[Objective, Callable]:
-    """The stage's objective and the collate function of its micro-batches."""
+def build_objective(cfg: TrainConfig, pad_id: int) -> Objective:
+    """The stage's objective, with the fast paths the config requests (not yet decided)."""
     if isinstance(cfg, DPOConfig):
-        return DPOObjective.from_config(cfg, fast_paths(cfg, pad_id)), collate_pairs
-    return SFTObjective(), collate_sft
+        return DPOObjective.from_config(cfg, fast_paths(cfg, pad_id))
+    return SFTObjective()
+
+
+def with_fast_paths(objective: Objective, models: list, max_length: int) -> Objective:
+    """``objective`` with the requested fast paths that ``models`` can all run."""
+    if not isinstance(objective, DPOObjective):
+        return objective
+    return dataclasses.replace(objective,
+                               fast=decide_fast_paths(objective.fast, models, max_length))
+
+
+def collate_for(objective: Objective, pad_id: int) -> Callable[[list[Example]], dict]:
+    """How the objective's micro-batches are built: laid out by the fast paths, or padded."""
+    if isinstance(objective, SFTObjective):
+        return partial(collate_sft, pad_token_id=pad_id)
+    if objective.fast is not None:
+        return objective.fast.collate
+    return partial(collate_pairs, pad_token_id=pad_id)
 
 
 def make_sampler(cfg: TrainConfig, tokenizer, data: Data, pad_id: int,
@@ -446,9 +472,10 @@ def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
     tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     pad_id = pad_id_for(tokenizer)
     data = load_data(cfg, tokenizer, out if world.main else None, world.size)
-    objective, collate = build_objective(cfg, pad_id)
     sampler = make_sampler(cfg, tokenizer, data, pad_id, world)
-    policy, reference = build_models(cfg, world, tokenizer, data, objective, sampler)
+    policy, reference, objective = build_models(cfg, world, tokenizer, data,
+                                                build_objective(cfg, pad_id), sampler)
+    collate = collate_for(objective, pad_id)
     optimizer = build_optimizer(cfg, policy)
     total_steps = cfg.max_steps or len(data.train) // cfg.batch_size * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -486,7 +513,7 @@ def restore(state: TrainState, checkpoint: Path) -> None:
 def micro_batches_of(state: TrainState, examples: list[Example]) -> Iterator[dict]:
     """This rank's share of ``examples`` as collated micro-batches on the device."""
     return micro_batches(share(examples, state.world), state.cfg.micro_batch_size,
-                         state.collate, state.pad_id, state.world.device)
+                         state.collate, state.world.device)
 
 
 def train_step(state: TrainState, examples: list[Example]) -> dict[str, Any]:
