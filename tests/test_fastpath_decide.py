@@ -24,7 +24,7 @@ from preftune.fastpath import (
     pair_logps,
 )
 from preftune.logprobs import concatenated_logps
-from preftune.reference import attach
+from preftune.reference import FrozenReference, PrecomputedReference, attach
 from preftune.step import DPOObjective
 
 from .conftest import tiny_llama
@@ -62,7 +62,8 @@ def test_a_step_runs_the_checks_once_per_model_not_per_micro_batch(checks):
     objective = DPOObjective(beta=0.5, fast=fast)
     examples = _examples(n=6)
     for i in range(0, 6, 2):  # three micro-batches of one step
-        loss, _ = objective(policy, reference, fast.collate(examples[i : i + 2]), 6.0)
+        live = FrozenReference(reference, objective.sequence_logps)
+        loss, _ = objective(policy, live, fast.collate(examples[i : i + 2]), 6.0)
         loss.backward()
     assert checks == {name: 2 for name in CHECKS}
 
@@ -159,8 +160,9 @@ def test_objective_statistics_match_on_a_laid_out_batch():
         ref = concatenated_logps(reference, collate_pairs(examples, 0))
     examples = attach(examples, (ref.chosen, ref.rejected))
     fast = decide_fast_paths(REQUESTED, [policy], 32)
-    plain_loss, plain = DPOObjective(beta=0.5)(policy, None, collate_pairs(examples, 0), 4.0)
-    loss, stats = DPOObjective(beta=0.5, fast=fast)(policy, None, fast.collate(examples), 4.0)
+    cached = PrecomputedReference(None)
+    plain_loss, plain = DPOObjective(beta=0.5)(policy, cached, collate_pairs(examples, 0), 4.0)
+    loss, stats = DPOObjective(beta=0.5, fast=fast)(policy, cached, fast.collate(examples), 4.0)
     torch.testing.assert_close(loss, plain_loss)
     assert stats.keys() == plain.keys() and stats["tokens"] == plain["tokens"]
     for key, value in plain.items():
