@@ -1,3 +1,6 @@
-"""preftune: preference fine-tuning (DPO, conservative DPO, IPO) of causal language models."""
+"""preftune: SFT and preference fine-tuning (DPO and related losses) of causal language models.
+
+The preference losses and their options are listed in :mod:`preftune.losses`.
+"""
 
 __version__ = "0.1.0"

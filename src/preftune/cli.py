@@ -12,7 +12,7 @@ USAGE = """usage: preftune {sft,dpo} [CONFIG.yaml] [key=value ...] [--debug]
        preftune data {inspect,convert} DATASET ... (see preftune data --help)
 
   sft   supervised fine-tuning on prompt + chosen response (makes the reference)
-  dpo   preference optimisation (DPO, conservative DPO, IPO) against a frozen reference
+  dpo   preference optimisation: DPO or a related loss (loss=, listed by preftune dpo --help)
   demo  the built-in demo: DPO on SmolLM2-135M-Instruct with generated sentiment pairs
   report  plots and an HTML page from a run folder (training writes one at the end)
   data  inspect a preference dataset (pairs, skipped rows, lengths, truncation) or

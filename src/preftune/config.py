@@ -123,10 +123,10 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = _f("run", "float32", "weights and compute "
                                                "(reference: float32)")
     gradient_checkpointing: bool = _f("run", True, "recompute each block's activations in "
-                                      "backward: activation memory of one block, ~12% slower")
+                                      "backward: one block's activation memory, for more compute")
     release_memory: bool = _f("run", True, "CPU: return freed heap pages to the OS before "
                               "each backward and optimizer step (glibc malloc_trim; values "
-                              "unchanged; ~0.2 GiB lower peak for ~4% time on SmolLM2-135M)")
+                              "unchanged; a lower peak, for the time to fault pages back in)")
     compile: bool = _f("run", False, "torch.compile the norms and MLP of each transformer "
                        "block of the policy (GPU; first steps pay the compilation)")
     trust_remote_code: bool = _f("run", False, "allow model code from the hub")
@@ -174,7 +174,7 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """Preference optimisation (DPO, conservative DPO, IPO) against a frozen reference."""
+    """Preference optimisation with a loss from ``preftune.losses`` (DPO by default)."""
 
     reference: str | None = _f("model", None, "frozen reference; null = same as model")
     loss: str = _f("loss", "dpo", "preference loss: a name registered in preftune.losses")
