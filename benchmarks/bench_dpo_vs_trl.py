@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 
 from random_models import SHAPES, build_random
@@ -146,15 +145,28 @@ def setup_torch():
 def run_preftune(args: argparse.Namespace) -> dict:
     torch = setup_torch()
     from preftune.config import DPOConfig, parse_config
-    from preftune.data import collate_pairs, pad_id_for, tokenize_pair
-    from preftune.fastpath import decide_fast_paths
-    from preftune.models import enable_activation_checkpointing, load_model, load_tokenizer
-    from preftune.reference import attach, compute_reference_logps
-    from preftune.step import DPOObjective
-    from preftune.train import build_optimizer, fast_paths
+    from preftune.data import pad_id_for, tokenize_pair
+    from preftune.distributed import World
+    from preftune.models import (
+        compile_blocks,
+        enable_activation_checkpointing,
+        load_model,
+        load_tokenizer,
+    )
+    from preftune.reference import PrecomputedReference, attach, compute_reference_logps
+    from preftune.train import (
+        build_objective,
+        make_state,
+        micro_batches,
+        train_step,
+        with_fast_paths,
+    )
 
-    # The default `preftune dpo` settings, with any --set overrides.
-    cfg = parse_config(DPOConfig, [f"model={args.model}", f"dataset={HH}", *args.set])
+    # The default `preftune dpo` settings, with any --set overrides; one micro-batch a step.
+    cfg = parse_config(DPOConfig, [f"model={args.model}", f"dataset={HH}", *args.set,
+                                   f"batch_size={args.pairs}", f"micro_batch_size={args.pairs}",
+                                   f"max_length={args.max_length}",
+                                   f"max_prompt_length={args.max_prompt_length}"])
     tokenizer = load_tokenizer(args.model)
     pad = pad_id_for(tokenizer)
     examples = [tokenize_pair(p, tokenizer, max_length=args.max_length,
@@ -164,45 +176,30 @@ def run_preftune(args: argparse.Namespace) -> dict:
     policy.train()
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(policy)
-    # As the training loop: decided once for the model, batches laid out by the collate step.
-    fast = decide_fast_paths(fast_paths(cfg, pad), [policy], args.max_length)
-    objective = DPOObjective(beta=cfg.beta, fast=fast)
-    collate = fast.collate if fast else partial(collate_pairs, pad_token_id=pad)
+    # As the training loop: fast paths decided once for the model, batches laid out by collate.
+    objective = with_fast_paths(build_objective(cfg, pad), [policy], args.max_length)
+    world = World(device=torch.device(args.device))
+    state = make_state(cfg, world, policy, PrecomputedReference(None), objective, pad,
+                       total_steps=args.warmup + args.steps)
 
     # One-off: the frozen reference's log-probs (as preftune.train.precompute_reference, no
     # cache): the reference is the policy's starting point, so the policy computes them itself.
-
-    def batches(exs):
-        for i in range(0, len(exs), args.pairs):
-            batch = collate(exs[i : i + args.pairs])
-            yield {k: v.to(args.device) for k, v in batch.items()}
-
     t = time.perf_counter()
     policy.eval()
-    logps = compute_reference_logps(policy, examples, batches, logps=objective.sequence_logps)
+    logps = compute_reference_logps(
+        policy, examples,
+        lambda exs: micro_batches(exs, args.pairs, state.collate, world.device),
+        logps=objective.sequence_logps)
     policy.train()
     precompute_s = time.perf_counter() - t
     examples = attach(examples, logps)
-
-    from preftune.memory import memory_releaser
-    from preftune.models import compile_blocks
-
     if cfg.compile:
         compile_blocks(policy)
-    optimizer = build_optimizer(cfg, policy)
-    release = memory_releaser(cfg.release_memory, args.device)  # as the training loop
 
     def step() -> float:
         sync(args)
         start = time.perf_counter()
-        batch = {k: v.to(args.device) for k, v in collate(examples).items()}
-        loss, _ = objective(policy, None, batch, objective.denominator(examples))
-        release()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        release()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(state, examples)  # the training loop's step, as `preftune dpo` runs it
         sync(args)
         return time.perf_counter() - start
 

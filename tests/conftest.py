@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,3 +60,21 @@ def tiny_model_dir(tmp_path_factory, gpt2_tokenizer) -> Path:
     tiny_llama(vocab_size=len(gpt2_tokenizer)).save_pretrained(path)
     gpt2_tokenizer.save_pretrained(path)
     return path
+
+
+# A tiny run: short sequences, few pairs, no warmup and no periodic eval. Test files add or
+# override what they are about.
+TINY_RUN = {"max_length": 64, "max_prompt_length": 32, "warmup_steps": 0, "eval_every": 0,
+            "batch_size": 4, "micro_batch_size": 2, "max_examples": 16, "max_steps": 3}
+
+
+def run_settings(tmp_path: Path, model: Path | str, name: str, **kw: Any) -> dict[str, Any]:
+    """``TINY_RUN`` on the HH-RLHF test pairs, writing to ``tmp_path / name``; ``kw`` wins."""
+    return {**TINY_RUN, "model": str(model), "dataset": str(HH_HELPFUL),
+            "output_dir": str(tmp_path / name), **kw}
+
+
+def records(run: Path, split: str | None = None, name: str = "metrics.jsonl") -> list[dict]:
+    """The rows of a run's JSONL log, optionally only those of one ``split``."""
+    rows = [json.loads(line) for line in (run / name).read_text().splitlines()]
+    return [r for r in rows if split is None or r["split"] == split]

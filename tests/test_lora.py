@@ -12,23 +12,16 @@ from transformers import AutoModelForCausalLM
 from preftune.config import ConfigError, DPOConfig
 from preftune.train import train
 
-from .conftest import HH_HELPFUL
+from .conftest import records as _records
+from .conftest import run_settings
 
-FAST = {"max_length": 64, "max_prompt_length": 32, "eval_examples": 4, "n_samples": 2,
-        "max_new_tokens": 4, "warmup_steps": 0, "eval_every": 0, "batch_size": 4,
-        "micro_batch_size": 2, "max_examples": 16, "max_steps": 3, "lr": 1e-2, "save_every": 1,
+FAST = {"eval_examples": 4, "n_samples": 2, "max_new_tokens": 4, "lr": 1e-2, "save_every": 1,
         "optimizer": "adamw", "lora": True, "lora_r": 4, "lora_alpha": 8}
 
 
 def _run(tmp_path, model, name, **kw):
-    cfg = DPOConfig(**{**FAST, "model": str(model), "dataset": str(HH_HELPFUL),
-                       "output_dir": str(tmp_path / name), **kw})
-    return train(cfg, progress=False)
-
-
-def _records(run, split):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
+    return train(DPOConfig(**run_settings(tmp_path, model, name, **{**FAST, **kw})),
+                 progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -13,28 +13,21 @@ from preftune.cli import main
 from preftune.config import DPOConfig, SFTConfig
 from preftune.train import lr_factor, train
 
-from .conftest import HH_HELPFUL
+from .conftest import HH_HELPFUL, TINY_RUN, run_settings
+from .conftest import records as _records
 
-FAST = {"max_length": 64, "max_prompt_length": 32, "eval_examples": 8, "n_samples": 2,
-        "max_new_tokens": 4, "warmup_steps": 0, "eval_every": 0}
-
-
-def _records(run, split):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
+FAST = {"eval_examples": 8, "n_samples": 2, "max_new_tokens": 4}
 
 
 def _dpo(tmp_path, model, name="dpo", **kw):
-    settings = {**FAST, "model": str(model), "dataset": str(HH_HELPFUL), "batch_size": 4,
-                "micro_batch_size": 2, "max_examples": 16, "max_steps": 3,
-                "output_dir": str(tmp_path / name), **kw}
-    return train(DPOConfig(**settings), progress=False)
+    return train(DPOConfig(**run_settings(tmp_path, model, name, **{**FAST, **kw})),
+                 progress=False)
 
 
 def test_sft_then_dpo_through_the_cli(tmp_path, tiny_model_dir, capsys):
     sft_out, dpo_out = tmp_path / "sft", tmp_path / "dpo"
-    common = [f"{k}={v}" for k, v in FAST.items()] + [f"dataset={HH_HELPFUL}", "max_examples=8",
-                                                       "batch_size=4", "micro_batch_size=2"]
+    common = [f"{k}={v}" for k, v in {**TINY_RUN, **FAST, "max_examples": 8}.items()
+              if k != "max_steps"] + [f"dataset={HH_HELPFUL}"]
     assert main(["sft", f"model={tiny_model_dir}", f"output_dir={sft_out}", "lr=1e-3",
                  *common]) == 0
     sft_train = _records(sft_out, "train")

@@ -8,22 +8,18 @@ import pytest
 from preftune.config import DPOConfig
 from preftune.train import train
 
-from .conftest import HH_HELPFUL
+from .conftest import records, run_settings
 
-FAST = {"max_length": 64, "max_prompt_length": 32, "eval_examples": 4, "n_samples": 0,
-        "warmup_steps": 0, "eval_every": 0, "batch_size": 4, "micro_batch_size": 2,
-        "max_examples": 16, "max_steps": 3, "lr": 1e-3, "save_every": 1}
+FAST = {"eval_examples": 4, "n_samples": 0, "lr": 1e-3, "save_every": 1}
 
 
 def _run(tmp_path, model, name, **kw):
-    cfg = DPOConfig(**{**FAST, "model": str(model), "dataset": str(HH_HELPFUL),
-                       "output_dir": str(tmp_path / name), **kw})
-    return train(cfg, progress=False)
+    return train(DPOConfig(**run_settings(tmp_path, model, name, **{**FAST, **kw})),
+                 progress=False)
 
 
 def _train_records(run):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+    return records(run, "train")
 
 
 def test_simpo_loads_no_reference_and_uses_mean_logps(tmp_path, tiny_model_dir, capfd):

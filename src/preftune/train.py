@@ -460,6 +460,18 @@ def make_sampler(cfg: TrainConfig, tokenizer, data: Data, pad_id: int,
     return sample
 
 
+def make_state(cfg: TrainConfig, world: World, policy: torch.nn.Module, reference: Reference,
+               objective: Objective, pad_id: int, total_steps: int, **rest: Any) -> TrainState:
+    """The state ``train_step`` needs around built models: optimizer, schedule, collate
+    function (``rest``: the other ``TrainState`` fields, for a full run)."""
+    optimizer = build_optimizer(cfg, policy)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.scheduler))
+    return TrainState(cfg, world, policy, reference, objective, optimizer, scheduler,
+                      collate_for(objective, pad_id), pad_id, total_steps,
+                      release=memory_releaser(cfg.release_memory, world.device), **rest)
+
+
 def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
     """Everything a run needs, from its resolved config: output folder, data, models and
     reference, objective, optimizer and schedule, and the state of a resumed run."""
@@ -475,15 +487,10 @@ def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
     sampler = make_sampler(cfg, tokenizer, data, pad_id, world)
     policy, reference, objective = build_models(cfg, world, tokenizer, data,
                                                 build_objective(cfg, pad_id), sampler)
-    collate = collate_for(objective, pad_id)
-    optimizer = build_optimizer(cfg, policy)
     total_steps = cfg.max_steps or len(data.train) // cfg.batch_size * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.scheduler))
-    state = TrainState(cfg, world, policy, reference, objective, optimizer, scheduler, collate,
-                       pad_id, total_steps, data, out, tokenizer,
-                       sampler=sampler, progress=progress,
-                       release=memory_releaser(cfg.release_memory, world.device))
+    state = make_state(cfg, world, policy, reference, objective, pad_id, total_steps,
+                       data=data, out=out, tokenizer=tokenizer, sampler=sampler,
+                       progress=progress)
     if resume_from is not None:
         restore(state, resume_from)
     if world.main:
