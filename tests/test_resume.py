@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,12 @@ def test_new_run_refuses_existing_folder_and_resume_checks_config(tmp_path, tiny
     assert main(["dpo", *_args(tiny_model_dir, run, max_steps=3, resume="true")]) == 0
     steps = [r["step"] for r in _trajectory(run) if r["split"] == "train"]
     assert steps == [1, 2, 3]
+    # The saved config is read as strictly as a recipe: a planted alias bomb is one line.
+    bomb = Path(__file__).parent / "fixtures" / "bad" / "alias_bomb.yaml"
+    (run / "config.yaml").write_text(bomb.read_text())
+    assert main(["dpo", *_args(tiny_model_dir, run, max_steps=4, resume="true")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.yaml'}: line" in err and "anchor or alias" in err, err
 
 
 def _nan_model_and_data(tmp_path, tokenizer):

@@ -219,10 +219,10 @@ class DPOConfig(TrainConfig):
             losses.check_loss(self.loss, self.beta, self.loss_values())
         except losses.UnknownLoss:
             raise ConfigError(f"loss: expected one of {', '.join(losses.LOSSES)}, got "
-                              f"{_show(self.loss)}") from None
+                              f"{show(self.loss)}") from None
         except losses.InvalidOption as e:
             raise ConfigError(f"{e.option.name}: expected a float {e.option.expect}, got "
-                              f"{_show(e.value)}") from None
+                              f"{show(e.value)}") from None
         except losses.MisplacedOption as e:
             raise ConfigError(f"{e.name}: only applies to loss={' or '.join(e.users)}, got "
                               f"loss={self.loss}") from None
@@ -262,17 +262,17 @@ def _coerce(f: dataclasses.Field, tp: Any, v: Any) -> Any:
         choices = typing.get_args(tp)
         if isinstance(v, str) and v.lower() in choices:
             return v.lower()
-        raise ConfigError(f"{f.name}: expected one of {', '.join(choices)}, got {_show(v)}")
+        raise ConfigError(f"{f.name}: expected one of {', '.join(choices)}, got {show(v)}")
     if tp is dict:  # loss_options: {name: number}; names and ranges are the registry's
         if isinstance(v, Mapping) and all(isinstance(k, str) for k in v):
             return {k: _coerce(dataclasses.field(metadata={"check": None}), float, x)
                     for k, x in v.items()}
         raise ConfigError(f"{f.name}: expected a mapping of option name to number, got "
-                          f"{_show(v)}")
+                          f"{show(v)}")
     want = {bool: "true or false", int: "an int", float: "a float", str: "a string"}[tp]
     out = v if isinstance(v, tp) and not (tp is not bool and isinstance(v, bool)) else None
     if tp is str and isinstance(v, bool):  # `resume: true` in YAML reads as a bool
-        out = _show(v)
+        out = show(v)
     if tp is float and not isinstance(v, bool):
         try:  # PyYAML reads 1e-6 (no dot) as a string; accept it for float keys
             out = float(v) if math.isfinite(float(v)) else None
@@ -282,7 +282,7 @@ def _coerce(f: dataclasses.Field, tp: Any, v: Any) -> Any:
     if out is not None and check and not _CHECKS[check](out):
         out, want = None, f"{want} {check}"
     if out is None:
-        raise ConfigError(f"{f.name}: expected {want}, got {_show(v)}")
+        raise ConfigError(f"{f.name}: expected {want}, got {show(v)}")
     return out
 
 
@@ -295,7 +295,7 @@ def _resume_choice(value: str | None) -> str | None:
     return "true" if word in ("true", "yes", "on", "latest") else value
 
 
-def _show(v: Any, limit: int = 200) -> str:
+def show(v: Any, limit: int = 200) -> str:
     """null/true/false as YAML spells them, anything else as repr (strings quoted), cut to
     about ``limit`` characters: an error message quotes a value, never all of a huge one."""
     text = "null" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)
@@ -313,7 +313,7 @@ def _unknown(key: str, cls: type) -> ConfigError:
     other = [s for s, c in _STAGES.items() if key in {f.name for f in dataclasses.fields(c)}]
     if other:
         hint = f"it applies only to the {other[0]} stage"
-    return ConfigError(f"unknown key {_show(key, 100)}; {hint}")
+    return ConfigError(f"unknown key {show(key, 100)}; {hint}")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -326,7 +326,7 @@ class _StrictLoader(yaml.SafeLoader):
         event = self.peek_event()
         if event.anchor is not None:  # an &anchor on a node, or a *alias to one
             raise yaml.composer.ComposerError(
-                None, None, f"anchor or alias {_show(event.anchor, 40)}: anchors and aliases "
+                None, None, f"anchor or alias {show(event.anchor, 40)}: anchors and aliases "
                 "are not allowed in a config", event.start_mark)
         return super().compose_node(parent, index)
 
@@ -340,7 +340,7 @@ class _StrictLoader(yaml.SafeLoader):
                 break
             if first is not None:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {_show(key, 100)}, first on line {first}",
+                    None, None, f"duplicate key {show(key, 100)}, first on line {first}",
                     key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
@@ -355,7 +355,8 @@ def yaml_load(text: str) -> Any:
         loader.dispose()
 
 
-def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML mapping file read strictly (``yaml_load``); any problem is one ConfigError."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -381,7 +382,7 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def load_config(cls: type[C], yaml_path: str | os.PathLike | None = None,
                 overrides: Mapping[str, object] | None = None) -> C:
     """Build and validate `cls` from an optional YAML file; `overrides` win over the file."""
-    from_file = _read_yaml(yaml_path) if yaml_path is not None else {}
+    from_file = read_yaml(yaml_path) if yaml_path is not None else {}
     values = {**from_file, **(overrides or {})}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "loss_options" in fields:  # a registered loss option without a field of its own
@@ -454,7 +455,7 @@ def config_help(cls: type[TrainConfig]) -> str:
     for f in _fields(cls):
         tp, optional = _split_optional(hints[f.name])
         default = ("(required)" if "required" in f.metadata else "{}" if tp is dict
-                   else _show(f.default).strip("'"))
+                   else show(f.default).strip("'"))
         kind, text = getattr(tp, "__name__", ""), f.metadata["help"]
         if typing.get_origin(tp) is Literal:
             kind, text = "choice", f"{text} [{', '.join(typing.get_args(tp))}]"
@@ -480,6 +481,6 @@ def _loss_registry_rows(cls: type[TrainConfig]) -> dict[str, tuple[str, ...]]:
     for name, option in OPTIONS.items():
         users = [k for k, spec in LOSSES.items() if name in spec.options]
         if option.config:
-            rows[name] = (name, "float", _show(option.default),
+            rows[name] = (name, "float", show(option.default),
                           f"{option.help} [{option.expect}; loss={', '.join(users) or '-'}]")
     return rows

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from .checkpoint import (
     disk_needed,
@@ -41,7 +40,15 @@ from .checkpoint import (
     set_rng_state,
     verify_checkpoint,
 )
-from .config import ConfigError, DPOConfig, TrainConfig, config_to_dict, dump_config
+from .config import (
+    ConfigError,
+    DPOConfig,
+    TrainConfig,
+    config_to_dict,
+    dump_config,
+    read_yaml,
+    show,
+)
 from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
 from .data.tokenize import chat_template_check
 from .distributed import (
@@ -237,12 +244,12 @@ def find_resume_point(cfg: TrainConfig, out: Path) -> Path | None:
         verify_checkpoint(found)  # before any model loads
     saved = out / "config.yaml"
     if found is not None and saved.is_file():
-        before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        before = read_yaml(saved)  # no aliases: a planted one cannot blow up in memory
         now = config_to_dict(cfg)
         for key, value in now.items():
             if key not in RESUMABLE_CHANGES and key in before and before[key] != value:
-                raise ConfigError(f"resume: {key} is {value!r} here but {before[key]!r} in the "
-                                  f"run being resumed ({saved})")
+                raise ConfigError(f"resume: {key} is {show(value)} here but {show(before[key])} "
+                                  f"in the run being resumed ({saved})")
     return found
 
 
