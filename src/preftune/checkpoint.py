@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .distributed import World, barrier, load_sharded, read_dcp_metadata, save_sharded
+from .io import atomic_write, publish_dir
 
 STATE_FILE = "state.pt"
 DCP_DIR = "dcp"
@@ -46,14 +47,6 @@ SINGLE, SHARDED = "single", "sharded"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message is one line for users."""
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,7 +97,6 @@ def save_checkpoint(
             raise  # as if killed: the next save or resume removes what is left
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
-            (root / f".{LATEST}.tmp").unlink(missing_ok=True)
         if out_of_space(e):
             raise CheckpointError(
                 f"{root}: no space left on the device for checkpoint {final.name} "
@@ -132,18 +124,11 @@ def _write_checkpoint(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.
 
 def _publish(tmp: Path, final: Path, root: Path) -> None:
     """fsync the written folder, rename it into place, then move ``latest`` to it."""
-    for f in tmp.rglob("*"):
-        _fsync(f)
-    _fsync(tmp)
     if final.exists():  # a step re-done after resuming from an older checkpoint
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
-    marker = root / f".{LATEST}.tmp"
-    marker.write_text(final.name + "\n")
-    _fsync(marker)
-    os.replace(marker, root / LATEST)
-    _fsync(root)
+    publish_dir(tmp, final)
+    atomic_write(root / LATEST, lambda marker: marker.write_text(final.name + "\n"),
+                 tmp=root / f".{LATEST}.tmp")
 
 
 def _write_manifest(folder: Path, kind: str) -> None:

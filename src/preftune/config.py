@@ -22,9 +22,9 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-DatasetFormat = Literal["hh", "shp", "stack-exchange-paired", "explicit", "implicit",
-                        "conversational"]
-DATASET_FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
+from .data.formats import FORMATS, DatasetFormat
+
+DATASET_FORMATS = FORMATS
 C = TypeVar("C", bound="TrainConfig")
 # help/dump sections, in order
 GROUPS = {"model": "model", "data": "data", "loss": "loss", "opt": "optimization",

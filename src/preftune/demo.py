@@ -23,6 +23,8 @@ import random
 import re
 from pathlib import Path
 
+from .io import iter_jsonl
+
 RULE = (
     "A response is better when it is more positive: rule_score counts the positive minus the "
     "negative words from a fixed lexicon, as (pos - neg) / (pos + neg + 1)."
@@ -244,9 +246,9 @@ RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 def summarize(run_dir: str | Path, n_examples: int = 3) -> dict:
     """Held-out reward metrics and the rule's score of policy vs reference completions."""
     run = Path(run_dir)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for _, r in iter_jsonl(run / "metrics.jsonl", lenient=True)]
     evals = [r for r in rows if r["split"] == "eval"]
-    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    samples = [r for _, r in iter_jsonl(run / "samples.jsonl", lenient=True)]
     last_step = max(s["step"] for s in samples)
     final = [s for s in samples if s["step"] == last_step]
     policy = [rule_score(s["policy"]) for s in final]

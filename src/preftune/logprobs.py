@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from .data.tokenize import IGNORE_INDEX  # also imported from here by the loop and tests
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, *, average: bool = False) -> Tensor:

@@ -25,7 +25,6 @@ import re
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .io import building_dir
 
 
 class ModelError(ValueError):
@@ -200,16 +201,13 @@ def save_pretrained(
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise ModelError(f"{out}: folder exists and is not a model folder; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "partial")
-    tmp.mkdir()
     try:
-        _write_folder(model, tokenizer, tmp, state_dict)
-        _replace_dir(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with building_dir(out) as tmp:
+            _write_folder(model, tokenizer, tmp, state_dict)
+    except Exception as e:
         from .checkpoint import free_gb, out_of_space
 
-        if isinstance(e, Exception) and out_of_space(e):
+        if out_of_space(e):
             raise ModelError(f"{out}: no space left on the device for the model "
                              f"({free_gb(out.parent):.2f} GB free); removed the partial "
                              "folder") from None
@@ -220,7 +218,7 @@ def save_pretrained(
 def remove_interrupted_exports(out_dir: str | Path) -> None:
     """Remove what a save_pretrained into ``out_dir`` left when killed midway: the sibling
     ``.NAME.XXXXXXXX.partial`` folders, and ``.old`` ones once ``out_dir`` is in place again.
-    Only folders named exactly as :func:`_sibling` names them are touched."""
+    Only folders named exactly as :func:`preftune.io.sibling` names them are touched."""
     out = Path(out_dir)
     pattern = re.compile(re.escape(f".{out.name}.") + r"[0-9a-f]{8}\.(partial|old)")
     for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
@@ -469,21 +467,6 @@ def _write_folder(model: PreTrainedModel, tokenizer, folder: Path,
     for path in folder.rglob("*"):
         if path.is_file():
             path.chmod(mode)
-
-
-def _sibling(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{kind}")
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    if not out.exists():
-        new.rename(out)
-        return
-    old = _sibling(out, "old")
-    out.rename(old)
-    new.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

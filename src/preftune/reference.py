@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .distributed import World, share
+from .io import atomic_write
 from .logprobs import PairLogps, concatenated_logps
 from .lora import reference_view
 
@@ -224,26 +225,13 @@ def _write_entry(path: Path, chosen: torch.Tensor, rejected: torch.Tensor) -> No
     """Store an entry atomically and durably (file and folder synced before and after the
     rename), so that a crash or power loss leaves the old state or the whole new entry. A
     cache that cannot be written costs only its reuse: one warning, and training goes on."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"chosen": chosen, "rejected": rejected}, tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        atomic_write(path, lambda tmp: save_file({"chosen": chosen, "rejected": rejected}, tmp),
+                     tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"))
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         _warn(f"cannot write the reference log-prob cache in {path.parent} "
               f"({e.strerror or e}); training goes on without it")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _warn(message: str) -> None:

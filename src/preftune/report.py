@@ -23,6 +23,7 @@ import html
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .io import iter_jsonl, publish_dir
 
 REPORT_DIR = "report"
 HTML_NAME = "report.html"
@@ -126,37 +129,12 @@ def read_jsonl(path: Path, notes: list[str]) -> list[tuple[int, Any]]:
     a writer is in the middle of it. Any other line that does not parse is an error.
     """
     try:
-        data = path.read_bytes()
+        return list(iter_jsonl(
+            path, lenient=True, error=lambda number, problem: ReportError(path, problem, number),
+            on_cut=lambda number: notes.append(
+                f"{path.name}: left out the unfinished line {number}")))
     except OSError as e:
         raise ReportError(path, f"cannot read ({e.strerror})") from None
-    chunks = data.split(b"\n")
-    rows = []
-    for number, chunk in enumerate(chunks, start=1):
-        if not chunk.strip():
-            continue
-        unterminated = number == len(chunks)
-        try:
-            rows.append((number, json.loads(chunk.decode("utf-8"))))
-        except UnicodeDecodeError as e:
-            if unterminated:  # cut in the middle of a multi-byte character
-                notes.append(f"{path.name}: left out the unfinished line {number}")
-                continue
-            raise ReportError(path, f"not UTF-8 ({e.reason})", number) from None
-        except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, huge ints
-            if unterminated:
-                notes.append(f"{path.name}: left out the unfinished line {number}")
-                continue
-            raise ReportError(path, _json_problem(e), number) from None
-    return rows
-
-
-def _json_problem(error: Exception) -> str:
-    if isinstance(error, RecursionError):
-        return "invalid JSON: nested too deeply"
-    if isinstance(error, json.JSONDecodeError):
-        return f"invalid JSON: {error.msg} (column {error.colno})"
-    # an integer of more than 4300 digits: Python's message up to its advice
-    return f"invalid JSON: {str(error).split(';')[0][:100]}"
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -587,12 +565,6 @@ def render_html(run: Run, plots: list[tuple[PlotSpec, bytes]]) -> str:
 # ---------------------------------------------------------------------------------- writing
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with path.open("rb") as f:
-            os.fsync(f.fileno())
-
-
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report/`` (PNG per plot + report.html); returns the HTML path.
 
@@ -626,8 +598,8 @@ def _write_report(run_dir: str | Path) -> Path:
             draw_plot(spec, run, png)
             plots.append((spec, png.read_bytes()))
         (staging / HTML_NAME).write_text(render_html(run, plots), encoding="utf-8")
-        _fsync_tree(staging)
-        _replace_folder(staging, target)
+        _check_replaceable(target)  # only a report preftune wrote is deleted
+        publish_dir(staging, target, old=run.path / f".report-old-{secrets.token_hex(4)}")
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise ReportError(target, f"cannot write the report ({e.strerror or e})") from None
@@ -675,19 +647,6 @@ def _writing(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Rename `new` to `target`, moving an existing `target` aside first and then deleting it
-    (only a report preftune wrote: see _check_replaceable)."""
-    old_holder = None
-    _check_replaceable(target)
-    if target.exists() or target.is_symlink():
-        old_holder = Path(tempfile.mkdtemp(prefix=".report-old-", dir=target.parent))
-        os.rename(target, old_holder / target.name)
-    os.rename(new, target)
-    if old_holder is not None:
-        shutil.rmtree(old_holder, ignore_errors=True)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from tqdm.std import tqdm as std_tqdm
 
 from .config import ConfigError
+from .io import iter_jsonl
 
 
 class JsonlWriter:
@@ -265,32 +266,24 @@ class RunLog:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a run's log (metrics.jsonl, samples.jsonl): one JSON object with an integer
-    ``step`` per line.
+    ``step`` per line; none if the file is missing.
 
-    Lines end at "\\n" only: str.splitlines would also break inside a logged prompt at U+2028 or
-    U+0085, which the writer leaves raw. A last line without its newline that does not parse
-    was cut by a crash and is dropped; any other line that is not such a record is a
-    CheckpointError naming the file and line, since resuming past it would lose the lines
-    after it."""
+    A last line without its newline that does not parse was cut by a crash and is dropped; any
+    other line that is not such a record is a CheckpointError naming the file and line, since
+    resuming past it would lose the lines after it."""
     if not path.is_file():
         return []
     from .checkpoint import CheckpointError
 
-    chunks = path.read_bytes().split(b"\n")
+    def damaged(number: int, problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}:{number}: damaged log line ({problem}); fix or "
+                               "remove that line")
+
     records = []
-    for number, chunk in enumerate(chunks, 1):
-        if not chunk.strip():
-            continue
-        try:
-            record = json.loads(chunk.decode("utf-8"))
-            problem = _log_record_problem(record)
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            if number == len(chunks):  # no newline after it: cut while being written
-                break
-            problem = _json_problem(e)
+    for number, record in iter_jsonl(path, lenient=True, error=damaged):
+        problem = _log_record_problem(record)
         if problem:
-            raise CheckpointError(f"{path}:{number}: damaged log line ({problem}); fix or "
-                                  "remove that line") from None
+            raise damaged(number, problem)
         records.append(record)
     return records
 
@@ -302,18 +295,6 @@ def _log_record_problem(record: Any) -> str:
     if not isinstance(step, int) or isinstance(step, bool):
         return "no integer step"
     return ""
-
-
-def _json_problem(error: Exception) -> str:
-    """What is wrong with a line json.loads rejected, in a few words."""
-    if isinstance(error, RecursionError):
-        return "invalid JSON: nested too deeply"
-    if isinstance(error, UnicodeDecodeError):
-        return f"not UTF-8 ({error.reason})"
-    if isinstance(error, json.JSONDecodeError):
-        return f"invalid JSON: {error.msg} (column {error.colno})"
-    # an integer of more than 4300 digits: Python's message up to its advice
-    return f"invalid JSON: {str(error).split(';')[0][:100]}"
 
 
 def end_progress_bars() -> None:

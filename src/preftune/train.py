@@ -13,7 +13,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -64,6 +63,7 @@ from .distributed import (
 )
 from .evaluate import evaluate, generate
 from .fastpath import FastPaths, decide_fast_paths
+from .io import atomic_write
 from .lora import apply_lora, merged
 from .memory import memory_releaser
 from .models import (
@@ -258,10 +258,8 @@ def truncate_logs(out: Path, step: int) -> None:
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = out / name
         kept = [r for r in read_jsonl(path) if step > 0 and r["step"] <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept),
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+        atomic_write(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
 
 
 def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1) -> Data:

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from preftune.data.tokenize import (
     render_chat,
     resolve_truncation,
 )
+from preftune.io import atomic_write
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -601,22 +601,17 @@ def pair_record(
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> int:
     """Write ``records`` as JSON lines (gzip for ``.gz``) via a temporary file and a rename.
 
     Returns the number of records. On any error (including one raised while ``records`` is
     being produced) the temporary file is removed and ``path`` is left as it was.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as raw:
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with open(tmp, "wb") as raw:
             if path.name.lower().endswith(".gz"):
                 stream: Any = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
             else:
@@ -626,14 +621,8 @@ def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> int:
                 count += 1
             if stream is not raw:
                 stream.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
     return count
 
 

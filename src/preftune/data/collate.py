@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from ..attention import Segment
+from .tokenize import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
 PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 

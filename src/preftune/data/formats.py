@@ -47,18 +47,15 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
+
+from preftune.io import json_problem
 
 Message = dict[str, str]
 
-FORMATS: tuple[str, ...] = (
-    "hh",
-    "shp",
-    "stack-exchange-paired",
-    "explicit",
-    "implicit",
-    "conversational",
-)
+DatasetFormat = Literal["hh", "shp", "stack-exchange-paired", "explicit", "implicit",
+                        "conversational"]
+FORMATS: tuple[str, ...] = get_args(DatasetFormat)  # the one list; config.py imports it
 
 _FORMAT_FIELDS = {
     "hh": "chosen+rejected transcripts with '\\n\\nAssistant:' turns",
@@ -263,12 +260,7 @@ def _loads(text: str, where: str) -> Any:
 
 
 def _json_failure(where: str, error: Exception) -> DataError:
-    if isinstance(error, json.JSONDecodeError):
-        return DataError(f"{where}: invalid JSON: {error.msg} (column {error.colno})")
-    if isinstance(error, RecursionError):
-        return DataError(f"{where}: invalid JSON: nested too deeply")
-    # an integer of more than 4300 digits: Python's message up to its advice
-    return DataError(f"{where}: invalid JSON: {str(error).split(';')[0][:100]}")
+    return DataError(f"{where}: {json_problem(error)}")
 
 
 def _jsonl_records(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[str, Any]]:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 Truncation = Literal["keep_end", "keep_start"]
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of a token the loss skips (PyTorch's cross-entropy default)
 # A text of more than CHARS_PER_TOKEN * max_length characters is cut to that many, on the side
 # truncation keeps, before it is tokenized (see _encode_kept): a 50 MB row costs what its kept
 # part costs. Ordinary text has 3-5 characters per token, a long repeated run a few dozen.
