@@ -413,3 +413,17 @@ def test_hostile_metrics_line_is_one_line_error(tmp_path, capsys, line, message)
     assert main([str(run)]) == 2
     assert _error(capsys) == f"preftune: error: {run / 'metrics.jsonl'}:3: {message}"
     assert not (run / "report").exists()
+
+
+def test_a_planted_yaml_alias_in_config_is_one_line(tmp_path):
+    """config.yaml is read without expanding aliases: the report refuses it in one line."""
+    from pathlib import Path
+
+    from preftune.report import ReportError, read_config
+
+    bomb = Path(__file__).parent / "fixtures" / "bad" / "alias_bomb.yaml"
+    path = tmp_path / "config.yaml"
+    path.write_text(bomb.read_text())
+    with pytest.raises(ReportError, match="anchor or alias") as e:
+        read_config(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)

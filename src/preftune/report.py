@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from .config import yaml_load
 from .io import iter_jsonl, publish_dir
 
 REPORT_DIR = "report"
@@ -192,13 +193,22 @@ def read_samples(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     return samples
 
 
-def read_config(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except OSError as e:
         raise ReportError(path, f"cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ReportError(path, f"not UTF-8 ({e.reason})") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml, read as strictly as a recipe (no anchors, aliases or duplicate
+    keys: a planted alias bomb cannot expand)."""
+    try:
+        config = yaml_load(_read_text(path))
+    except RecursionError:
+        raise ReportError(path, "invalid YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or "invalid YAML"
@@ -212,13 +222,11 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def read_data_report(path: Path) -> dict[str, Any]:
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ReportError(path, f"cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ReportError(path, f"not UTF-8 ({e.reason})") from None
+        report = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ReportError(path, f"invalid JSON: {e.msg} (column {e.colno})", e.lineno) from None
+    except RecursionError:
+        raise ReportError(path, "invalid JSON (nested too deeply)") from None
     if not isinstance(report, dict) or not isinstance(report.get("counts", {}), dict):
         raise ReportError(path, 'expected an object {"counts": {reason: n}, ...}')
     return report
