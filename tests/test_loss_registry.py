@@ -14,8 +14,9 @@ from .conftest import HH_HELPFUL, TINY_RUN, records
 
 
 @pytest.fixture
-def margin_loss():
+def margin_loss(monkeypatch):
     """Registers the loss ``margin_dpo`` with the option ``target_margin`` for one test."""
+    monkeypatch.setattr(losses, "LOSS_KINDS", losses.LOSS_KINDS)  # restored afterwards
     losses.register_option("target_margin", 0.25, "reward margin the pair should exceed",
                            lambda v: v >= 0, ">= 0")
 
