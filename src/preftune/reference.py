@@ -3,7 +3,7 @@
 ``Reference.logps(batch)`` gives the reference's chosen and rejected log-probs of a micro-batch
 (None when the objective has no reference) and ``Reference.sample(generate)`` its completions
 of the held-out prompts, taken once since the reference never changes. Four kinds, chosen once
-in setup (``preftune.train.build_reference``): log-probs precomputed before training and
+in setup (``preftune.train.build_models``): log-probs precomputed before training and
 carried by the pairs, the policy with its LoRA adapters bypassed, a separate frozen model, or
 none (reference-free losses, SimPO).
 

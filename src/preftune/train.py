@@ -131,7 +131,6 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     collate: Callable[[list[Example]], dict]  # examples -> a micro-batch, padded or laid out
-    pad_id: int
     total_steps: int
     data: Data | None = None
     out: Path | None = None
@@ -145,7 +144,7 @@ class TrainState:
 
 def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad: int,
                          world: World, objective: DPOObjective,
-                         generate: Callable | None) -> Reference:
+                         sampler: Sampler | None) -> Reference:
     """Attach ``model``'s log-probs to every train and eval pair (cached on disk under a
     fingerprint) and take its completions of the sample prompts: the reference is then
     numbers, and the model can be freed."""
@@ -172,7 +171,7 @@ def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad
             print(f"reference log-probs of {len(examples)} {name} pairs: "
                   f"{'from cache' if hit else 'computed and cached'} ({cache})", file=sys.stderr)
     # Only rank 0 samples, from its own unsharded copy: no other rank takes part.
-    samples = generate(model, synced=False) if generate is not None and world.main else None
+    samples = sampler(model, synced=False) if sampler is not None and world.main else None
     model.train(was_training)
     return PrecomputedReference(samples)
 
@@ -389,7 +388,7 @@ def load_frozen(cfg: DPOConfig, device: torch.device, policy: torch.nn.Module) -
 
 
 def build_models(cfg: TrainConfig, world: World, tokenizer, data: Data, objective: Objective,
-                 generate: Sampler | None) -> tuple[torch.nn.Module, Reference, Objective]:
+                 sampler: Sampler | None) -> tuple[torch.nn.Module, Reference, Objective]:
     """The policy (LoRA-wrapped, sharded, compiled as configured), its ``Reference``, and the
     objective with the fast paths these final models run (decided once, here).
 
@@ -403,7 +402,7 @@ def build_models(cfg: TrainConfig, world: World, tokenizer, data: Data, objectiv
     reference: Reference = NoReference()
     if needs and cfg.precompute_reference:
         reference = precompute_reference(cfg, frozen or policy, data, pad_id_for(tokenizer),
-                                         world, objective, generate)
+                                         world, objective, sampler)
         frozen = None  # the numbers travel with the pairs now: free the model
         gc.collect()
     if cfg.lora:
@@ -473,7 +472,7 @@ def make_state(cfg: TrainConfig, world: World, policy: torch.nn.Module, referenc
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.scheduler))
     return TrainState(cfg, world, policy, reference, objective, optimizer, scheduler,
-                      collate_for(objective, pad_id), pad_id, total_steps,
+                      collate_for(objective, pad_id), total_steps,
                       release=memory_releaser(cfg.release_memory, world.device), **rest)
 
 
