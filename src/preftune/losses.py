@@ -204,9 +204,7 @@ def check_loss(kind: str, beta: float, options: Mapping[str, float]) -> LossSpec
             raise ValueError(f"unknown loss option {name!r}; known: {', '.join(OPTIONS)}")
         if not OPTIONS[name].valid(value):
             raise InvalidOption(OPTIONS[name], value)
-    if kind not in LOSSES:
-        raise UnknownLoss(f"unknown loss kind {kind!r}; known: {', '.join(LOSSES)}")
-    spec = LOSSES[kind]
+    spec = loss_spec(kind)
     for name, value in options.items():
         if name not in spec.options and value != OPTIONS[name].default:
             raise MisplacedOption(name, kind)

@@ -67,11 +67,10 @@ class DPOObjective:
 
     @classmethod
     def from_config(cls, cfg: DPOConfig, fast: FastPaths | None = None) -> DPOObjective:
-        extra = {k: v for k, v in cfg.loss_values().items()
-                 if k not in ("label_smoothing", "simpo_gamma")}
         return cls(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
                    reference_free=cfg.reference_free, logps=cfg.logps, fast=fast,
-                   simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha, options=extra)
+                   simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha,
+                   options=dict(cfg.loss_options))
 
     @property
     def spec(self) -> LossSpec:
