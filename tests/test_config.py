@@ -173,7 +173,7 @@ def test_required_fields():
     (["max_prompt_length=600"], "max_prompt_length: must be < max_length (512), got 600"),
     (["micro_batch_size=128"], "micro_batch_size: must be <= batch_size (64), got 128"),
     (["loss=ipo", "label_smoothing=0.1"],
-     "label_smoothing: only applies to loss=dpo or robust, got loss=ipo"),
+     "label_smoothing: only applies to loss=dpo or robust or exo_pair, got loss=ipo"),
 ])
 def test_cross_field(args, message):
     assert err(DPOConfig, [*REQ, *args]) == message
