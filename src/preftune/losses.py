@@ -66,10 +66,10 @@ register_option("label_smoothing", 0.0, "assumed label-flip rate: conservative D
                 "the de-biased loss with robust", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)")
 register_option("simpo_gamma", 0.5, "SimPO target reward margin",
                 lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
-register_option("discopop_tau", 0.05, "DiscoPOP temperature of the logistic/exponential mix",
-                lambda v: math.isfinite(v) and v > 0, "finite and > 0")
 register_option("bco_delta", 0.0, "BCO reward shift: the running mean of past rewards",
                 math.isfinite, "finite", config=False)
+register_option("discopop_tau", 0.05, "DiscoPOP temperature of the logistic/exponential mix",
+                lambda v: math.isfinite(v) and v > 0, "finite and > 0")
 
 
 class RewardMean:
