@@ -304,7 +304,8 @@ def test_rpo_nll_for_sums_and_means():
     "kwargs, message",
     [
         ({"kind": "hinge", "label_smoothing": 0.1},
-         "label_smoothing applies to kind='exo_pair' or kind='robust' or kind='dpo' only, got kind='hinge'"),
+         "label_smoothing applies to kind='exo_pair' or kind='robust' or kind='dpo' only, "
+         "got kind='hinge'"),
         ({"kind": "robust", "label_smoothing": 0.5}, "label_smoothing must be in [0, 0.5)"),
         ({"kind": "dpo", "simpo_gamma": 1.0}, "simpo_gamma applies to kind='simpo' only"),
         ({"kind": "simpo", "simpo_gamma": -0.1}, "simpo_gamma must be finite and >= 0"),

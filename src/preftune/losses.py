@@ -63,7 +63,8 @@ def register_option(name: str, default: float, help: str, valid: Callable[[float
 
 
 register_option("label_smoothing", 0.0, "assumed label-flip rate: conservative DPO with dpo, "
-                "the de-biased loss with robust", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)")
+                "the de-biased loss with robust, the target's epsilon with exo_pair",
+                lambda v: 0.0 <= v < 0.5, "in [0, 0.5)")
 register_option("simpo_gamma", 0.5, "SimPO target reward margin",
                 lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
 register_option("bco_delta", 0.0, "BCO reward shift: the running mean of past rewards",
