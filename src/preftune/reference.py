@@ -120,7 +120,7 @@ def weights_digest(model: torch.nn.Module) -> bytes:
 
 def fingerprint(
     model: torch.nn.Module, examples: Sequence[Example], *, average: bool,
-    weights: bytes | None = None,
+    weights: bytes | None = None, ld_alpha: float | None = None,
 ) -> str:
     """A hex digest of the reference weights, the tokenized pairs and the settings.
 
@@ -128,6 +128,8 @@ def fingerprint(
     eval pairs of one run share it: hashing the weights once is most of the cost)."""
     h = hashlib.blake2b(digest_size=20)
     h.update(f"average={average};n={len(examples)}".encode())
+    if ld_alpha is not None:  # LD-DPO's token weighting changes the numbers
+        h.update(f";ld_alpha={float(ld_alpha)!r}".encode())
     h.update(weights if weights is not None else weights_digest(model))
     for ex in examples:
         for key in KEYS:
@@ -178,14 +180,16 @@ def cached_reference_logps(
     logps: Callable[[torch.nn.Module, dict], PairLogps] | None = None,
     world: World | None = None,
     weights: bytes | None = None,
+    ld_alpha: float | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
     """Reference log-probs from the cache, or computed and stored; returns (logps, hit).
 
     ``logps`` computes a batch's log-probs (default: the plain concatenated forward); any
     exact path gives the same numbers, so it is not part of the fingerprint. ``weights``:
-    ``weights_digest(model)``, if already computed."""
+    ``weights_digest(model)``, if already computed. ``ld_alpha``: the LD-DPO weighting the
+    numbers carry (part of the key)."""
     world = world or World()
-    key = fingerprint(model, examples, average=average, weights=weights)
+    key = fingerprint(model, examples, average=average, weights=weights, ld_alpha=ld_alpha)
     path = cache_dir / f"{key}.safetensors"
     cached, problem = _read_entry(path, len(examples)) if path.is_file() else (None, "")
     hit = cached is not None
@@ -199,7 +203,7 @@ def cached_reference_logps(
         _warn(f"{path}: damaged reference log-prob cache entry ({problem}); recomputing it")
     if logps is None:
         def logps(m, batch):
-            return concatenated_logps(m, batch, average=average)
+            return concatenated_logps(m, batch, average=average, ld_alpha=ld_alpha)
     chosen, rejected = compute_reference_logps(model, examples, batches, logps=logps,
                                                world=world)
     if world.main:

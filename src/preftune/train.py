@@ -166,7 +166,7 @@ def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad
         logps, hit = cached_reference_logps(model, examples, batches,
                                             average=objective.average, cache_dir=cache,
                                             logps=objective.sequence_logps, world=world,
-                                            weights=weights)
+                                            weights=weights, ld_alpha=objective.ld_alpha)
         setattr(data, name, attach(examples, logps))
         if world.main:
             print(f"reference log-probs of {len(examples)} {name} pairs: "
