@@ -287,8 +287,9 @@ class DPOConfig(TrainConfig):
                 raise ConfigError(f"ld_alpha: expected a float in [0, 1], got "
                                   f"{show(self.ld_alpha)}")
             if self.logps == "mean" or any(s.length_normalized for s in specs):
-                raise ConfigError("ld_alpha: LD-DPO reweights summed log-probs; not with "
-                                  f"logps=mean or loss={self.loss} (per-token means)")
+                why = ("logps=mean" if self.logps == "mean"
+                       else f"loss={self.loss} (per-token means)")
+                raise ConfigError(f"ld_alpha: LD-DPO reweights summed log-probs; not with {why}")
             if self.wpo:
                 raise ConfigError("ld_alpha: not with wpo=true (WPO weights use the plain "
                                   "per-token mean log-probs)")
