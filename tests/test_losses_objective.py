@@ -198,7 +198,7 @@ NEW_LOSSES = [("exo_pair", ["label_smoothing=0.01"]), ("nca_pair", []), ("sppo_h
 def test_every_new_loss_runs_with_fast_paths_on_and_off(loss, extra, tiny_model_dir,
                                                           tmp_path):
     settings = {**TINY_RUN, "max_steps": 1, "max_examples": 4, "batch_size": 2,
-                "micro_batch_size": 2, "eval_examples": 2, "n_samples": 0, "lr": 1e-3,
+                "micro_batch_size": 2, "eval_examples": 2, "n_samples": 0,
                 "precompute_reference": "false"}
     args = [f"{k}={v}" for k, v in settings.items()]
     runs = {}
