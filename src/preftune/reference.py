@@ -93,10 +93,45 @@ class FrozenReference:
         return out.chosen, out.rejected
 
     def sample(self, generate: Generate) -> list[str]:
-        if self._samples is None:  # the reference never changes: sample it once
+        if self._samples is None:  # sampled once, until the reference changes (TR-DPO)
             with self._view():
                 self._samples = generate(self.model)
         return self._samples
+
+    @torch.no_grad()
+    def update_from(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO, Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
+        Alignment" (arXiv:2404.09656), the soft update theta_ref <- alpha * theta +
+        (1 - alpha) * theta_ref, parameter by parameter; alpha = 1 is the hard update (a copy).
+        Both models hold the same parameters in the same order (sharded alike under FSDP2)."""
+        for ref, new in zip(self.model.parameters(), policy.parameters(), strict=True):
+            if alpha == 1.0:
+                ref.copy_(new)
+            else:
+                ref.lerp_(new.to(ref.dtype), alpha)
+        self._samples = None
+
+    def weights(self, world: World) -> dict[str, torch.Tensor]:
+        """The reference's full weights on CPU, for checkpoints (call on every rank)."""
+        if world.distributed:
+            from .distributed import full_state_dict
+
+            return full_state_dict(self.model, world)
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def load_weights(self, weights: dict[str, torch.Tensor], world: World) -> None:
+        """Restore ``weights()`` output exactly."""
+        if world.distributed:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            set_model_state_dict(self.model, weights,
+                                 options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(weights)
+        self._samples = None
 
 
 class AdapterOffReference(FrozenReference):
