@@ -286,7 +286,7 @@ IN_PROCESS_CASES: dict[str, Callable[[Models, Path], Case]] = {
         "micro_batch_size: must be <= batch_size (2), got 4"),
     "label_smoothing with ipo": lambda m, out: Case(
         _run_args(m, out, BAD / "ok.jsonl", "loss=ipo", "label_smoothing=0.1"),
-        "label_smoothing: only applies to loss=dpo or robust, got loss=ipo"),
+        "label_smoothing: only applies to loss=dpo or robust or exo_pair, got loss=ipo"),
     "dpo key for sft": lambda m, out: Case(
         _run_args(m, out, BAD / "ok.jsonl", "beta=0.2"),
         "unknown key 'beta'; it applies only to the dpo stage", stage="sft"),

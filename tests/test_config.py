@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from preftune import losses
 from preftune.config import (
     DATASET_FORMATS,
     ConfigError,
@@ -38,7 +39,9 @@ DPO_ONLY = {"reference": None, "loss": "dpo", "beta": 0.1, "label_smoothing": 0.
             "reference_free": False, "logps": "sum", "precompute_reference": True,
             "chunked_logps": True, "chunk_size": 256, "share_prompt": True, "pack": True,
             "segment_attention": True, "keep_activations": True,
-            "simpo_gamma": 0.5, "loss_options": {}, "rpo_alpha": 0.0}
+            "simpo_gamma": 0.5, "loss_options": {}, "rpo_alpha": 0.0, "loss_weights": None,
+            "divergence": "reverse_kl", "divergence_alpha": 0.5, "ld_alpha": None, "wpo": False,
+            "sync_reference": "none", "sync_alpha": 0.6, "sync_every": 512}
 
 
 def err(cls, args) -> str:
@@ -140,7 +143,9 @@ def test_bad_yaml_value_names_file_unless_overridden(tmp_path):
     ("lr=abc", "lr: expected a float, got 'abc'"),
     ("lr=true", "lr: expected a float, got true"),
     ("optimizer=sgd", "optimizer: expected one of rmsprop, adamw, got 'sgd'"),
-    ("loss=kto", "loss: expected one of dpo, ipo, robust, hinge, simpo, bco_pair, got 'kto'"),
+    ("loss=kto", "loss: expected one of dpo, ipo, robust, hinge, simpo, bco_pair, exo_pair, "
+     "nca_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft, "
+     "got 'kto'"),
     ("dataset_format=weird", "dataset_format: expected one of "
      + ", ".join(DATASET_FORMATS) + ", got 'weird'"),
     ("batch_size=abc", "batch_size: expected an int, got 'abc'"),
@@ -173,7 +178,7 @@ def test_required_fields():
     (["max_prompt_length=600"], "max_prompt_length: must be < max_length (512), got 600"),
     (["micro_batch_size=128"], "micro_batch_size: must be <= batch_size (64), got 128"),
     (["loss=ipo", "label_smoothing=0.1"],
-     "label_smoothing: only applies to loss=dpo or robust, got loss=ipo"),
+     "label_smoothing: only applies to loss=dpo or robust or exo_pair, got loss=ipo"),
 ])
 def test_cross_field(args, message):
     assert err(DPOConfig, [*REQ, *args]) == message
@@ -228,7 +233,10 @@ def test_dump_load_round_trip(tmp_path, cls):
 def test_help_lists_every_field_with_type_and_default():
     text = config_help(DPOConfig)
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
-    assert set(lines) == {f.name for f in dataclasses.fields(DPOConfig)}
+    fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    # registered loss options without a field of their own are keys too (discopop_tau)
+    options = {n for n, o in losses.OPTIONS.items() if o.config and n not in fields}
+    assert set(lines) == fields | options
     assert lines["lr"].split()[1:3] == ["float", "5e-07"]
     assert lines["max_steps"].split()[1:3] == ["int|null", "null"]
     assert lines["model"].split()[1:3] == ["str", "(required)"]

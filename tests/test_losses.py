@@ -133,10 +133,13 @@ def test_reward_metrics():
 
 
 def test_registry_lists_the_builtin_losses_in_order():
-    assert losses_mod.LOSS_KINDS == ("dpo", "ipo", "robust", "hinge", "simpo", "bco_pair")
+    assert losses_mod.LOSS_KINDS == ("dpo", "ipo", "robust", "hinge", "simpo", "bco_pair",
+                                     "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired",
+                                     "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
     assert tuple(LOSSES) == losses_mod.LOSS_KINDS
-    assert [k for k, s in LOSSES.items() if not s.needs_reference] == ["simpo"]
-    assert [k for k, s in LOSSES.items() if s.length_normalized] == ["simpo"]
+    assert [k for k, s in LOSSES.items() if not s.needs_reference] == ["simpo", "sft"]
+    assert [k for k, s in LOSSES.items() if s.length_normalized] == ["simpo", "sigmoid_norm",
+                                                                      "sft"]
     assert LOSSES["dpo"].fn is dpo_loss and LOSSES["robust"].fn is robust_dpo_loss
 
 
@@ -301,7 +304,8 @@ def test_rpo_nll_for_sums_and_means():
     "kwargs, message",
     [
         ({"kind": "hinge", "label_smoothing": 0.1},
-         "label_smoothing applies to kind='robust' or kind='dpo' only, got kind='hinge'"),
+         "label_smoothing applies to kind='exo_pair' or kind='robust' or kind='dpo' only, "
+         "got kind='hinge'"),
         ({"kind": "robust", "label_smoothing": 0.5}, "label_smoothing must be in [0, 0.5)"),
         ({"kind": "dpo", "simpo_gamma": 1.0}, "simpo_gamma applies to kind='simpo' only"),
         ({"kind": "simpo", "simpo_gamma": -0.1}, "simpo_gamma must be finite and >= 0"),

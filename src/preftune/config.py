@@ -177,7 +177,24 @@ class DPOConfig(TrainConfig):
     """Preference optimisation with a loss from ``preftune.losses`` (DPO by default)."""
 
     reference: str | None = _f("model", None, "frozen reference; null = same as model")
-    loss: str = _f("loss", "dpo", "preference loss: a name registered in preftune.losses")
+    loss: str = _f("loss", "dpo", "preference loss: a name registered in preftune.losses, or "
+                   "several separated by commas, summed (dpo,bco_pair,sft)")
+    loss_weights: str | None = _f("loss", None, "weights of the losses in loss, "
+                                  "comma-separated (0.8,0.2,1.0); null = 1 each")
+    divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = _f(
+        "loss", "reverse_kl", "f-divergence toward the reference (f-DPO): maps each log-ratio "
+        "before the loss; reverse_kl = DPO")
+    divergence_alpha: float = _f("loss", 0.5, "alpha of divergence=alpha, in (0, 1)")
+    ld_alpha: float | None = _f("loss", None, "LD-DPO: weight in [0, 1] of the tokens of the "
+                                "longer response beyond the shorter one's length; null = off")
+    wpo: bool = _f("loss", False, "WPO: weight each pair by its length-normalised policy "
+                   "probability (detached)")
+    sync_reference: Literal["none", "soft", "hard"] = _f(
+        "loss", "none", "TR-DPO: update the reference from the policy every sync_every steps "
+        "(soft: mix in sync_alpha of the policy; hard: copy it)")
+    sync_alpha: float = _f("loss", 0.6, "TR-DPO soft update: share of the policy, in [0, 1]")
+    sync_every: int = _f("loss", 512, "TR-DPO: optimizer steps between reference updates",
+                         "> 0")
     beta: float = _f("loss", 0.1, "strength of the KL penalty toward the reference", "> 0")
     # Options of the registered losses (preftune.losses.OPTIONS): default, help and valid
     # values come from the registry. These two have keys of their own; any other registered
@@ -210,13 +227,13 @@ class DPOConfig(TrainConfig):
         super()._check()
         from . import losses  # the registry (needs torch): only when a dpo config is built
 
-        if self.loss not in losses.LOSSES and str(self.loss).lower() in losses.LOSSES:
-            self.loss = self.loss.lower()
+        self.loss = ",".join(n.lower() if n not in losses.LOSSES and n.lower() in losses.LOSSES
+                             else n for n in losses.loss_names(self.loss))
         for name in self.loss_options:
             if name not in losses.OPTIONS or not losses.OPTIONS[name].config:
                 raise _unknown(name, type(self))
         try:
-            losses.check_loss(self.loss, self.beta, self.loss_values())
+            losses.check_losses(self.loss, self.beta, self.loss_values())
         except losses.UnknownLoss:
             raise ConfigError(f"loss: expected one of {', '.join(losses.LOSSES)}, got "
                               f"{show(self.loss)}") from None
@@ -226,6 +243,66 @@ class DPOConfig(TrainConfig):
         except losses.MisplacedOption as e:
             raise ConfigError(f"{e.name}: only applies to loss={' or '.join(e.users)}, got "
                               f"loss={self.loss}") from None
+        except ValueError as e:  # a loss listed twice, or two with state
+            raise ConfigError(f"loss: {e}") from None
+        self._check_loss_extras(losses)
+
+    def weights(self) -> tuple[float, ...] | None:
+        """``loss_weights`` as numbers (None when empty); ConfigError if malformed."""
+        if self.loss_weights is None:
+            return None
+        try:
+            weights = tuple(float(w) for w in self.loss_weights.split(","))
+        except ValueError:
+            raise ConfigError(f"loss_weights: expected comma-separated numbers, got "
+                              f"{show(self.loss_weights)}") from None
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ConfigError(f"loss_weights: expected finite numbers >= 0, got "
+                              f"{show(self.loss_weights)}")
+        return weights
+
+    def _check_loss_extras(self, losses: types.ModuleType) -> None:
+        """The loss weights, divergence, LD-DPO, WPO and TR-DPO settings, and how they meet
+        logps, reference_free and lora."""
+        names, weights = losses.loss_names(self.loss), self.weights()
+        if weights is not None and len(weights) != len(names):
+            raise ConfigError(f"loss_weights: {len(weights)} weights for the {len(names)} "
+                              f"losses of loss={self.loss}")
+        specs = [losses.LOSSES[n] for n in names]
+        referenced = not self.reference_free and any(s.needs_reference for s in specs)
+        if self.divergence != "reverse_kl":
+            if not referenced:
+                raise ConfigError(f"divergence: {self.divergence} scores log-ratios to a "
+                                  "reference; this loss has none (reference_free or loss)")
+            if not any(s.inputs != "logps" and s.needs_reference for s in specs):
+                raise ConfigError(f"divergence: loss={self.loss} does not use log-ratios")
+        if not (0 < self.divergence_alpha < 1):
+            raise ConfigError(f"divergence_alpha: expected a float in (0, 1), got "
+                              f"{show(self.divergence_alpha)}")
+        if self.divergence_alpha != 0.5 and self.divergence != "alpha":
+            raise ConfigError("divergence_alpha: only applies to divergence=alpha, got "
+                              f"divergence={self.divergence}")
+        if self.ld_alpha is not None:
+            if not 0 <= self.ld_alpha <= 1:
+                raise ConfigError(f"ld_alpha: expected a float in [0, 1], got "
+                                  f"{show(self.ld_alpha)}")
+            if self.logps == "mean" or any(s.length_normalized for s in specs):
+                why = ("logps=mean" if self.logps == "mean"
+                       else f"loss={self.loss} (per-token means)")
+                raise ConfigError(f"ld_alpha: LD-DPO reweights summed log-probs; not with {why}")
+            if self.wpo:
+                raise ConfigError("ld_alpha: not with wpo=true (WPO weights use the plain "
+                                  "per-token mean log-probs)")
+        if self.sync_reference != "none":
+            if not referenced:
+                raise ConfigError("sync_reference: TR-DPO updates a reference; this loss has "
+                                  "none (reference_free or loss)")
+            if self.lora:
+                raise ConfigError("sync_reference: TR-DPO needs a reference model of its own; "
+                                  "with lora=true the reference is the adapters-off policy")
+        if not 0 <= self.sync_alpha <= 1:
+            raise ConfigError(f"sync_alpha: expected a float in [0, 1], got "
+                              f"{show(self.sync_alpha)}")
 
     def loss_values(self) -> dict[str, float]:
         """Every registered loss option set here: the two with keys of their own and

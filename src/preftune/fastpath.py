@@ -431,8 +431,23 @@ def chunked_target_logps(
 # ----------------------------------------------------------------------------- entry points
 
 
+def _ld_weights(layout: PackedLayout, alpha: float) -> Tensor:
+    """LD-DPO's weight of each scored token of a layout (see ``logprobs.ld_token_weights``):
+    ``alpha`` beyond the first min(|y_w|, |y_l|) tokens of its sequence. A sequence's tokens
+    are listed in order, so a token's rank in its sequence comes from a stable sort."""
+    sequence, counts, n = layout.sequence, layout.counts, layout.n_pairs
+    order = torch.argsort(sequence, stable=True)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(sequence)
+    rank[order] = torch.arange(len(sequence), device=sequence.device) - starts[sequence[order]]
+    shared = torch.minimum(counts[:n], counts[n:]).repeat(2)
+    ones = torch.ones((), dtype=torch.float32, device=sequence.device)
+    return torch.where(rank >= shared[sequence], ones * alpha, ones)
+
+
 def _layout_logps(
-    model: nn.Module, layout: PackedLayout, fast: FastPaths, average: bool
+    model: nn.Module, layout: PackedLayout, fast: FastPaths, average: bool,
+    ld_alpha: float | None = None,
 ) -> PairLogps:
     """Log-probs of a laid-out micro-batch (tensors on the model's device) under ``fast``,
     decided for ``model``: no capability check, no host sync."""
@@ -466,6 +481,8 @@ def _layout_logps(
         raise RuntimeError(f"preftune.fastpath: {type(model).__name__} did not pass the "
                            f"attention plan to its attention; set segments=False")
     n = layout.n_pairs
+    if ld_alpha is not None:
+        token_logps = token_logps * _ld_weights(layout, ld_alpha)
     totals = token_logps.new_zeros(2 * n).index_add(0, layout.sequence, token_logps)
     if average:
         totals = totals / layout.counts.clamp(min=1)
@@ -494,23 +511,25 @@ def _chunked_logps(outer: nn.Module, model: nn.Module, inputs: dict[str, Any],
 
 
 def batch_logps(
-    model: nn.Module, batch: Mapping[str, Any], fast: FastPaths | None, *, average: bool = False
+    model: nn.Module, batch: Mapping[str, Any], fast: FastPaths | None, *, average: bool = False,
+    ld_alpha: float | None = None,
 ) -> PairLogps:
     """Chosen/rejected log-probs of one micro-batch, as ``concatenated_logps`` computes them.
 
     ``batch`` comes from ``fast.collate`` (``fast`` decided for ``model``, tensors moved to
     its device): a laid-out batch runs as it is. A padded ``collate_pairs`` batch takes the
     plain path when ``fast`` is None or all off; otherwise it goes through :func:`pair_logps`,
-    which decides and lays out for this one call.
+    which decides and lays out for this one call. ``ld_alpha``: LD-DPO's weight of the tokens
+    beyond the shorter response's length (None: off).
     """
     layout = batch.get("layout")
     if layout is not None:
         if fast is None:
             raise ValueError("a laid-out micro-batch needs the FastPaths it was collated with")
-        return _layout_logps(model, layout, fast, average)
+        return _layout_logps(model, layout, fast, average, ld_alpha)
     if fast is None or not fast.enabled:
-        return concatenated_logps(model, batch, average=average)
-    return pair_logps(model, batch, average=average, **fast.flags())
+        return concatenated_logps(model, batch, average=average, ld_alpha=ld_alpha)
+    return pair_logps(model, batch, average=average, ld_alpha=ld_alpha, **fast.flags())
 
 
 def pair_logps(
@@ -526,6 +545,7 @@ def pair_logps(
     token_budget: int | None = None,
     segments: bool = True,
     keep_activations: bool = True,
+    ld_alpha: float | None = None,
 ) -> PairLogps:
     """Chosen/rejected log-probs of a micro-batch, as ``concatenated_logps`` computes them:
     decide the fast paths for ``model`` and these sequences, lay the batch out, run it (the
@@ -553,6 +573,7 @@ def pair_logps(
     if not fast.enabled:
         batch = examples if isinstance(examples, Mapping) else collate_pairs(examples,
                                                                                pad_token_id)
-        return concatenated_logps(model, batch, average=average)
+        return concatenated_logps(model, batch, average=average, ld_alpha=ld_alpha)
     device = _unwrap(model).get_input_embeddings().weight.device
-    return _layout_logps(model, fast.collate(lists)["layout"].to(device), fast, average)
+    return _layout_logps(model, fast.collate(lists)["layout"].to(device), fast, average,
+                         ld_alpha)

@@ -12,12 +12,17 @@ A registered function gets ``beta`` and the options it declares as keywords, and
 margin h (``margin=True``, the default) or the chosen and rejected log-ratios pc - rc and
 pr - rr (``margin=False``). When the reference is not used (``reference_free``, or a loss
 registered with ``needs_reference=False``) its terms are 0: h = pc - pr, log-ratios pc, pr.
+A loss registered with ``inputs="logps"`` gets pc, pr, rc, rr themselves (AOT's sorted margins,
+the chosen NLL). A ``divergence`` other than reverse KL maps each log-ratio to its f-DPO score
+before the margin or ratio losses see it (:func:`divergence_scores`). Several losses combine
+as a weighted sum (``PreferenceLoss("dpo,sft", weights=(1.0, 0.2))``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -58,11 +63,14 @@ def register_option(name: str, default: float, help: str, valid: Callable[[float
 
 
 register_option("label_smoothing", 0.0, "assumed label-flip rate: conservative DPO with dpo, "
-                "the de-biased loss with robust", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)")
+                "the de-biased loss with robust, the target's epsilon with exo_pair",
+                lambda v: 0.0 <= v < 0.5, "in [0, 0.5)")
 register_option("simpo_gamma", 0.5, "SimPO target reward margin",
                 lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
 register_option("bco_delta", 0.0, "BCO reward shift: the running mean of past rewards",
                 math.isfinite, "finite", config=False)
+register_option("discopop_tau", 0.05, "DiscoPOP temperature of the logistic/exponential mix",
+                lambda v: math.isfinite(v) and v > 0, "finite and > 0")
 
 
 class RewardMean:
@@ -103,6 +111,9 @@ class LossSpec:
     log-probs, whatever the ``logps`` setting (``DPOObjective`` then computes means).
     ``options`` maps a registered option (``OPTIONS``) to the keyword of ``fn`` that receives
     it. ``state``, when given, makes the state object a ``PreferenceLoss`` keeps across steps.
+    ``inputs`` is what ``fn`` gets: "margin" (h), "ratios" (the two log-ratios) or "logps"
+    (pc, pr, rc, rr; no divergence applies). ``limits`` narrows an option's valid values for
+    this loss: {name: (valid, expect)}.
     """
 
     name: str
@@ -112,9 +123,12 @@ class LossSpec:
     length_normalized: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
     state: Callable[[], Any] | None = None
+    inputs: str = "margin"
+    limits: Mapping[str, tuple[Callable[[float], bool], str]] = field(default_factory=dict)
 
 
 LOSSES: dict[str, LossSpec] = {}
+INPUTS = ("margin", "ratios", "logps")
 # Registered names in registration order; rebound by register_loss (read it as
 # ``losses.LOSS_KINDS``, or use ``LOSSES``, to see losses registered after import).
 LOSS_KINDS: tuple[str, ...] = ()
@@ -130,14 +144,20 @@ def register_loss(
     length_normalized: bool = False,
     options: Mapping[str, str] | Iterable[str] = (),
     state: Callable[[], Any] | None = None,
+    inputs: str | None = None,
+    limits: Mapping[str, tuple[Callable[[float], bool], str]] | None = None,
 ) -> Callable[[_Fn], _Fn]:
     """Decorator registering a per-pair loss function under ``name`` (see ``LossSpec``).
 
     ``options`` lists the registered options (``register_option``) the function takes: a
     mapping to the function's own keyword names, or an iterable of names it uses as they are.
-    The loss is then ``preftune dpo loss=NAME``, with its options as keys.
+    The loss is then ``preftune dpo loss=NAME``, with its options as keys. ``inputs``: what
+    the function gets ("margin", "ratios" or "logps"; default from ``margin``).
     """
-    if not isinstance(name, str) or not name:
+    inputs = inputs or ("margin" if margin else "ratios")
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
+    if not isinstance(name, str) or not name or "," in name:
         raise ValueError(f"a loss name must be a non-empty string, got {name!r}")
     if name in LOSSES:
         raise ValueError(f"a loss named {name!r} is already registered")
@@ -152,9 +172,11 @@ def register_loss(
         global LOSS_KINDS
         if not callable(fn):
             raise TypeError(f"loss {name!r}: {fn!r} is not callable")
-        LOSSES[name] = LossSpec(name, fn, margin=margin, needs_reference=needs_reference,
+        LOSSES[name] = LossSpec(name, fn, margin=inputs == "margin",
+                                needs_reference=needs_reference,
                                 length_normalized=length_normalized,
-                                options=MappingProxyType(mapping), state=state)
+                                options=MappingProxyType(mapping), state=state, inputs=inputs,
+                                limits=MappingProxyType(dict(limits or {})))
         LOSS_KINDS = tuple(LOSSES)
         return fn
 
@@ -193,10 +215,18 @@ class MisplacedOption(ValueError):
         super().__init__(f"{name} applies to {listed} only, got kind={kind!r}")
 
 
-def check_loss(kind: str, beta: float, options: Mapping[str, float]) -> LossSpec:
-    """Validate a loss and its options once (config time, or building a ``PreferenceLoss``):
-    a known kind, beta > 0, every option registered and valid, and an option set away from its
-    default only for a loss that declares it. Returns the loss's spec."""
+def loss_names(kind: str) -> list[str]:
+    """The losses of ``kind``: one name, or several separated by commas (a weighted sum)."""
+    return [k.strip() for k in str(kind).split(",")]
+
+
+def check_losses(kind: str, beta: float, options: Mapping[str, float],
+                 weights: Sequence[float] | None = None) -> tuple[LossSpec, ...]:
+    """Validate a loss or a weighted sum of losses (``kind`` "dpo,sft") and its options once
+    (config time, or building a ``PreferenceLoss``): known kinds, none twice, one finite
+    weight >= 0 per loss, beta > 0, every option registered and valid (within a loss's
+    ``limits``), and an option set away from its default only for a loss that declares it.
+    Returns the losses' specs."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     for name, value in options.items():
@@ -204,11 +234,30 @@ def check_loss(kind: str, beta: float, options: Mapping[str, float]) -> LossSpec
             raise ValueError(f"unknown loss option {name!r}; known: {', '.join(OPTIONS)}")
         if not OPTIONS[name].valid(value):
             raise InvalidOption(OPTIONS[name], value)
-    spec = loss_spec(kind)
+    names = loss_names(kind)
+    specs = tuple(loss_spec(n) for n in names)
+    if len(set(names)) < len(names):
+        raise ValueError(f"a loss is listed twice in {kind!r}")
+    if weights is not None and len(weights) != len(names):
+        raise ValueError(f"{len(weights)} loss weights for {len(names)} losses ({kind})")
+    if weights is not None and not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"loss weights must be finite and >= 0, got {list(weights)}")
+    if sum(s.state is not None for s in specs) > 1:
+        raise ValueError(f"at most one loss with state may be combined, got {kind!r}")
     for name, value in options.items():
-        if name not in spec.options and value != OPTIONS[name].default:
+        if value != OPTIONS[name].default and not any(name in s.options for s in specs):
             raise MisplacedOption(name, kind)
-    return spec
+    for spec in specs:
+        for name, (valid, expect) in spec.limits.items():
+            if name in options and not valid(options[name]):
+                raise InvalidOption(dataclasses.replace(OPTIONS[name], valid=valid,
+                                                        expect=expect), options[name])
+    return specs
+
+
+def check_loss(kind: str, beta: float, options: Mapping[str, float]) -> LossSpec:
+    """``check_losses`` for one loss; returns its spec."""
+    return check_losses(kind, beta, options)[0]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -290,6 +339,130 @@ def bco_pair_loss(chosen: Tensor, rejected: Tensor, beta: float, delta: float = 
     return -F.logsigmoid(beta * chosen - delta) - F.logsigmoid(-(beta * rejected - delta))
 
 
+def _exo_epsilon(v: float) -> bool:
+    return 0.0 < v < 0.5
+
+
+@register_loss("exo_pair", options={"label_smoothing": "epsilon"},
+               limits={"label_smoothing": (_exo_epsilon, "in (0, 0.5) with loss=exo_pair")})
+def exo_pair_loss(h: Tensor, beta: float, epsilon: float = 1e-3) -> Tensor:
+    """EXO on pairs, Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model
+    Alignment" (arXiv:2402.00856), EXO-pref (Eq. 16) with K = 2: the reverse KL from the
+    policy's softmax over the pair, q = (sigma(beta * h), sigma(-beta * h)), to the smoothed
+    label distribution p = (1 - eps, eps),
+
+        q_w * (log q_w - log(1 - eps)) + q_l * (log q_l - log eps),
+
+    with eps = label_smoothing, which must be > 0 (at eps = 0 the KL is infinite).
+    """
+    z = beta * h
+    log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)
+    return (log_qw.exp() * (log_qw - math.log1p(-epsilon))
+            + log_ql.exp() * (log_ql - math.log(epsilon)))
+
+
+@register_loss("nca_pair", margin=False)
+def nca_pair_loss(chosen: Tensor, rejected: Tensor, beta: float) -> Tensor:
+    """NCA on pairs, Chen et al. 2024, "Noise Contrastive Alignment of Language Models with
+    Explicit Rewards" (arXiv:2402.05369), the pairwise NCA loss with r = beta * log-ratio:
+
+        -log sigma(r_w) - 1/2 * log sigma(-r_w) - 1/2 * log sigma(-r_l).
+
+    Unlike DPO it pushes the chosen likelihood itself up, not only the margin.
+    """
+    r_w, r_l = beta * chosen, beta * rejected
+    return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+
+
+@register_loss("sppo_hard", margin=False)
+def sppo_hard_loss(chosen: Tensor, rejected: Tensor, beta: float) -> Tensor:
+    """SPPO with hard labels, Wu et al. 2024, "Self-Play Preference Optimization for Language
+    Model Alignment" (arXiv:2405.00675), Eq. 4.7 with the win probability P set to 1 for the
+    chosen and 0 for the rejected response and eta = 1 / beta:
+
+        (log-ratio_w - 1 / (2 * beta))^2 + (log-ratio_l + 1 / (2 * beta))^2.
+    """
+    half = 0.5 / beta
+    return (chosen - half) ** 2 + (rejected + half) ** 2
+
+
+@register_loss("aot", inputs="logps")
+def aot_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float) -> Tensor:
+    """AOT (paired), Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via
+    Optimal Transport" (arXiv:2406.05882): first-order stochastic dominance of the policy's
+    log-likelihood margins pc - pr over the reference's rc - rr, as the logistic loss on the
+    one-dimensional optimal transport plan (both sorted over the batch):
+
+        l(beta * (sort(pc - pr)_i - sort(rc - rr)_i)),  l(z) = -log sigma(z).
+
+    The batch is the micro-batch: the value
+    depends on how pairs are grouped, so gradient accumulation is not exact for AOT.
+    """
+    delta = torch.sort(pc - pr).values - torch.sort(rc - rr).values
+    return -F.logsigmoid(beta * delta)
+
+
+@register_loss("aot_unpaired", margin=False)
+def aot_unpaired_loss(chosen: Tensor, rejected: Tensor, beta: float) -> Tensor:
+    """AOT (unpaired), Melnyk et al. 2024 (arXiv:2406.05882): stochastic dominance of the
+    chosen log-ratios over the rejected ones, each sorted over the (micro-)batch:
+
+        l(beta * (sort(log-ratio_w)_i - sort(log-ratio_l)_i)),  l(z) = -log sigma(z).
+    """
+    delta = torch.sort(chosen).values - torch.sort(rejected).values
+    return -F.logsigmoid(beta * delta)
+
+
+@register_loss("apo_zero", margin=False)
+def apo_zero_loss(chosen: Tensor, rejected: Tensor, beta: float) -> Tensor:
+    """APO-zero, D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
+    Revisions" (arXiv:2408.06266), Eq. 7: -sigma(beta * log-ratio_w) + sigma(beta *
+    log-ratio_l): the chosen likelihood up and the rejected down, each anchored at the
+    reference (for chosen responses better than the model's own). In [-1, 1], 0 at h = 0.
+    """
+    return -torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+
+
+@register_loss("apo_down", margin=False)
+def apo_down_loss(chosen: Tensor, rejected: Tensor, beta: float) -> Tensor:
+    """APO-down, D'Oosterlinck et al. 2024 (arXiv:2408.06266), Eq. 8: sigma(beta *
+    log-ratio_w) - sigma(beta * (log-ratio_w - log-ratio_l)): both likelihoods down, the
+    rejected more (for chosen responses worse than the model's own). In [-1, 1].
+    """
+    return torch.sigmoid(beta * chosen) - torch.sigmoid(beta * (chosen - rejected))
+
+
+@register_loss("discopop", options={"discopop_tau": "tau"})
+def discopop_loss(h: Tensor, beta: float, tau: float = 0.05) -> Tensor:
+    """DiscoPOP, Chan et al. 2024, "Discovering Preference Optimization Algorithms with and for
+    Large Language Models" (arXiv:2406.08414), the log-ratio modulated loss (Eq. 5): with
+    rho = beta * h and m = sigma(rho / tau),
+
+        (1 - m) * (-log sigma(rho)) + m * exp(-rho).
+    """
+    rho = beta * h
+    mix = torch.sigmoid(rho / tau)
+    return (1.0 - mix) * -F.logsigmoid(rho) + mix * torch.exp(-rho)
+
+
+@register_loss("sigmoid_norm", length_normalized=True)
+def sigmoid_norm_loss(h: Tensor, beta: float) -> Tensor:
+    """Length-normalised DPO (as in Tulu 3, Lambert et al. 2024, arXiv:2411.15124):
+    -log sigma(beta * h) with h made of per-token mean log-probs of policy and reference,
+    -log sigma(beta * (log-ratio_w / |y_w| - log-ratio_l / |y_l|)).
+    """
+    return -F.logsigmoid(beta * h)
+
+
+@register_loss("sft", inputs="logps", needs_reference=False, length_normalized=True)
+def sft_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float) -> Tensor:
+    """The per-token mean negative log-likelihood of the chosen response, -log pi(y_w|x) /
+    |y_w| (``pc`` is a per-token mean here): RPO's NLL term (``rpo_nll``, Pang et al. 2024)
+    as a loss of its own, for weighted sums such as MPO's "dpo,bco_pair,sft". beta is unused.
+    """
+    return -pc
+
+
 def rpo_nll(chosen_logps: Tensor, chosen_tokens: Tensor | None) -> Tensor:
     """The NLL term of RPO, Pang et al. 2024, "Iterative Reasoning Preference Optimization"
     (arXiv:2404.19733): -log pi(y_w|x) / |y_w|, the per-token mean negative log-likelihood of
@@ -318,30 +491,114 @@ def _check_shapes(tensors: dict[str, Tensor]) -> None:
         raise ValueError(f"log-prob tensors must have the same shape, got {listed}")
 
 
+DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+
+
+def divergence_scores(ratio: Tensor, divergence: str, alpha: float = 0.5) -> Tensor:
+    """f-DPO, Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference
+    Optimization with Diverse Divergence Constraints" (arXiv:2309.16240), Theorem 1 / Table 1:
+    with the divergence D_f the implicit reward is beta * f'(pi / pi_ref), so a log-ratio u
+    becomes f'(e^u) - f'(1) (shifted so that a policy equal to the reference scores 0):
+
+        reverse_kl  f'(t) = log t + 1         -> u  (DPO)
+        forward_kl  f'(t) = -1 / t            -> 1 - e^-u
+        js          f'(t) = log(2t / (1 + t)) -> log 2 + log sigma(u)
+        alpha       f'(t) = (1 - t^-a) / a    -> (1 - e^(-a u)) / a,  a in (0, 1)
+
+    (alpha -> 0 is reverse KL, alpha = 1 forward KL).
+    """
+    if divergence == "reverse_kl":
+        return ratio
+    if divergence == "forward_kl":
+        return -torch.expm1(-ratio)
+    if divergence == "js":
+        return math.log(2.0) + F.logsigmoid(ratio)
+    if divergence == "alpha":
+        return -torch.expm1(-alpha * ratio) / alpha
+    raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a loss reads for one micro-batch (see ``LossSpec.inputs``), in the compute dtype:
+    log-probs as sums (``average`` False) or per-token means, with the token counts."""
+
+    pc: Tensor
+    pr: Tensor
+    rc: Tensor
+    rr: Tensor
+    free: bool  # no reference terms (rc = rr = 0)
+    average: bool
+    chosen_tokens: Tensor | None = None
+    rejected_tokens: Tensor | None = None
+
+    def means(self) -> Scores:
+        """Per-token means of the same log-probs (the reference's divided by the policy's
+        counts: the same tokens)."""
+        if self.average:
+            return self
+        if self.chosen_tokens is None or self.rejected_tokens is None:
+            raise ValueError("a length-normalised loss on summed log-probs needs token counts")
+        nc = self.chosen_tokens.to(device=self.pc.device).clamp(min=1)
+        nr = self.rejected_tokens.to(device=self.pr.device).clamp(min=1)
+        return dataclasses.replace(self, pc=self.pc / nc, pr=self.pr / nr, rc=self.rc / nc,
+                                   rr=self.rr / nr, average=True)
+
+
+def _terms(spec: LossSpec, x: Scores, divergence: str, alpha: float) -> tuple[Tensor, ...]:
+    """The arguments ``spec.fn`` takes before beta and options."""
+    if spec.inputs == "logps":
+        return x.pc, x.pr, x.rc, x.rr
+    free = x.free or not spec.needs_reference
+    if divergence == "reverse_kl":
+        if spec.inputs == "margin":
+            return (x.pc - x.pr if free else (x.pc - x.pr) - (x.rc - x.rr),)
+        return (x.pc, x.pr) if free else (x.pc - x.rc, x.pr - x.rr)
+    chosen = divergence_scores(x.pc if free else x.pc - x.rc, divergence, alpha)
+    rejected = divergence_scores(x.pr if free else x.pr - x.rr, divergence, alpha)
+    return (chosen - rejected,) if spec.inputs == "margin" else (chosen, rejected)
+
+
 def _apply(
-    spec: LossSpec, pc: Tensor, pr: Tensor, rc: Tensor | None, rr: Tensor | None, *,
-    beta: float, reference_free: bool, options: Mapping[str, float],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The loss of validated settings (see ``preference_loss``); no argument checks."""
-    if not spec.needs_reference:
+    specs: Sequence[LossSpec], weights: Sequence[float] | None, pc: Tensor, pr: Tensor,
+    rc: Tensor | None, rr: Tensor | None, *, beta: float, reference_free: bool,
+    options: Mapping[str, float], average: bool = False, chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None, divergence: str = "reverse_kl",
+    divergence_alpha: float = 0.5,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Each loss's per-pair values (unweighted) and the rewards, for validated settings (see
+    ``preference_loss``); no argument checks. A length-normalised loss gets per-token means
+    (computed from sums and counts unless ``average``)."""
+    uses_reference = any(s.needs_reference for s in specs)
+    if not uses_reference:
         rc = rr = None
     if rc is None or rr is None:
-        if spec.needs_reference and not reference_free:
+        if uses_reference and not reference_free:
             raise ValueError("reference log-probs are required unless reference_free=True")
         rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
     _check_shapes({"policy_chosen_logps": pc, "policy_rejected_logps": pr,
                    "reference_chosen_logps": rc, "reference_rejected_logps": rr})
     dtype = _compute_dtype(pc, pr, rc, rr)
     pc, pr, rc, rr = pc.to(dtype), pr.to(dtype), rc.to(dtype), rr.to(dtype)
-    free = reference_free or not spec.needs_reference
-    kwargs = {spec.options[name]: options[name] for name in spec.options}
-    if spec.margin:
-        h = pc - pr if free else (pc - pr) - (rc - rr)
-        losses = spec.fn(h, beta=beta, **kwargs)
-    else:
-        chosen, rejected = (pc, pr) if free else (pc - rc, pr - rr)
-        losses = spec.fn(chosen, rejected, beta=beta, **kwargs)
-    return losses, (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+    x = Scores(pc, pr, rc, rr, reference_free or not uses_reference, average,
+               chosen_tokens, rejected_tokens)
+    parts = {}
+    for spec in specs:
+        kwargs = {spec.options[name]: options[name] for name in spec.options}
+        inputs = x.means() if spec.length_normalized else x
+        parts[spec.name] = spec.fn(*_terms(spec, inputs, divergence, divergence_alpha),
+                                   beta=beta, **kwargs)
+    return parts, (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+
+
+def _weighted(parts: Mapping[str, Tensor], weights: Sequence[float] | None) -> Tensor:
+    """The weighted sum of the losses' values (a lone loss with no weight: itself)."""
+    values = list(parts.values())
+    if weights is None:
+        weights = [1.0] * len(values)
+    if len(values) == 1 and weights[0] == 1.0:
+        return values[0]
+    return sum(w * v for w, v in zip(weights, values, strict=True))
 
 
 def preference_loss(
@@ -356,49 +613,103 @@ def preference_loss(
     reference_free: bool = False,
     simpo_gamma: float = 0.5,
     bco_delta: float = 0.0,
+    weights: Sequence[float] | None = None,
+    divergence: str = "reverse_kl",
+    divergence_alpha: float = 0.5,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
     **options: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair preference losses and implicit rewards.
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``, each of the inputs' shape.
-    ``kind`` is any registered loss (``LOSSES``): ``"dpo"`` is DPO (Eq. 7), or conservative
+    ``kind`` is any registered loss (``LOSSES``), or several separated by commas, summed with
+    ``weights`` (default 1 each): ``"dpo"`` is DPO (Eq. 7), or conservative
     DPO when ``label_smoothing > 0``; ``"ipo"`` IPO (Eq. 17); ``"robust"`` robust DPO with flip
     rate ``label_smoothing``; ``"hinge"`` the SLiC hinge loss; ``"simpo"`` SimPO with margin
     ``simpo_gamma`` (expects per-token mean log-probs; reference log-probs are ignored and may
-    be None); ``"bco_pair"`` pairwise BCO with reward shift ``bco_delta``. ``options`` are
+    be None); ``"bco_pair"`` pairwise BCO with reward shift ``bco_delta``; and the others
+    registered in this module. ``options`` are
     further registered options (``register_option``). With ``reference_free`` the reference
-    terms of the loss are 0.
+    terms of the loss are 0. The log-probs are sums; a length-normalised loss in a weighted
+    sum divides them by ``chosen_tokens``/``rejected_tokens``. ``divergence`` maps log-ratios
+    to f-DPO scores (``divergence_scores``).
     Rewards are beta * (policy - reference), detached, and measured against the reference
     whenever one is given, even when ``reference_free`` (it may be None only then, and
     counts as 0); a loss that needs no reference (simpo) ignores it: rewards beta * policy.
     """
     values = {**{n: o.default for n, o in OPTIONS.items()}, "label_smoothing": label_smoothing,
               "simpo_gamma": simpo_gamma, "bco_delta": bco_delta, **options}
-    spec = check_loss(kind, beta, values)
-    return _apply(spec, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                  reference_rejected_logps, beta=beta, reference_free=reference_free,
-                  options=values)
+    specs = check_losses(kind, beta, values, weights)
+    parts, r_c, r_r = _apply(
+        specs, weights, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, beta=beta, reference_free=reference_free, options=values,
+        average=len(specs) == 1 and specs[0].length_normalized, chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens, divergence=divergence,
+        divergence_alpha=divergence_alpha)
+    return _weighted(parts, weights), r_c, r_r
 
 
 class PreferenceLoss:
-    """A registered loss with its settings, validated once when built, and its state (if the
-    loss keeps one, such as bco_pair's running reward mean), checkpointed through
-    ``state_dict``. Calling it computes what ``preference_loss`` does, without re-checking."""
+    """A registered loss, or a weighted sum of several (``kind`` "dpo,bco_pair,sft" with
+    ``weights``), with its settings, validated once when built, and its state (if a loss
+    keeps one, such as bco_pair's running reward mean), checkpointed through ``state_dict``.
+    Calling it computes what ``preference_loss`` does, without re-checking; ``parts`` gives
+    each loss's unweighted values too. ``average``: the log-probs it is given are per-token
+    means (else sums, and a length-normalised loss needs the token counts)."""
 
     def __init__(self, kind: str = "dpo", *, beta: float = 0.1, reference_free: bool = False,
+                 weights: Sequence[float] | None = None, divergence: str = "reverse_kl",
+                 divergence_alpha: float = 0.5, average: bool | None = None,
                  **options: float) -> None:
         values = {n: o.default for n, o in OPTIONS.items()}
         values.update(options)
-        self.spec = check_loss(kind, beta, values)
+        self.specs = check_losses(kind, beta, values, weights)
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got "
+                             f"{divergence!r}")
+        if divergence == "alpha" and not 0.0 < divergence_alpha < 1.0:
+            raise ValueError(f"divergence_alpha must be in (0, 1), got {divergence_alpha}")
+        self.spec = self.specs[0]
+        self.weights = tuple(float(w) for w in weights) if weights is not None else None
         self.beta, self.reference_free = beta, reference_free
-        self.options = {n: float(values[n]) for n in self.spec.options}
-        self.state = self.spec.state() if self.spec.state is not None else None
+        self.divergence, self.divergence_alpha = divergence, float(divergence_alpha)
+        self.average = (all(s.length_normalized for s in self.specs) if average is None
+                        else average)
+        self.options = {n: float(values[n]) for s in self.specs for n in s.options}
+        stateful = [s.state for s in self.specs if s.state is not None]
+        self.state = stateful[0]() if stateful else None
 
-    def __call__(self, pc: Tensor, pr: Tensor, rc: Tensor | None,
-                 rr: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any of the losses compares with a reference."""
+        return any(s.needs_reference for s in self.specs)
+
+    @property
+    def length_normalized(self) -> bool:
+        """Whether every loss is defined on per-token means."""
+        return all(s.length_normalized for s in self.specs)
+
+    def parts(self, pc: Tensor, pr: Tensor, rc: Tensor | None, rr: Tensor | None,
+              chosen_tokens: Tensor | None = None, rejected_tokens: Tensor | None = None,
+              ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Each loss's unweighted per-pair values, by name, and the rewards."""
         options = {**self.options, **(self.state.inputs() if self.state is not None else {})}
-        return _apply(self.spec, pc, pr, rc, rr, beta=self.beta,
-                      reference_free=self.reference_free, options=options)
+        return _apply(self.specs, self.weights, pc, pr, rc, rr, beta=self.beta,
+                      reference_free=self.reference_free, options=options,
+                      average=self.average, chosen_tokens=chosen_tokens,
+                      rejected_tokens=rejected_tokens, divergence=self.divergence,
+                      divergence_alpha=self.divergence_alpha)
+
+    def combine(self, parts: Mapping[str, Tensor]) -> Tensor:
+        """The weighted sum of ``parts``' values."""
+        return _weighted(parts, self.weights)
+
+    def __call__(self, pc: Tensor, pr: Tensor, rc: Tensor | None, rr: Tensor | None,
+                 chosen_tokens: Tensor | None = None, rejected_tokens: Tensor | None = None,
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        parts, r_c, r_r = self.parts(pc, pr, rc, rr, chosen_tokens, rejected_tokens)
+        return self.combine(parts), r_c, r_r
 
     def after_step(self, stats: Mapping[str, float]) -> None:
         """Fold one optimizer step's summed statistics (all micro-batches and processes) into
@@ -413,7 +724,7 @@ class PreferenceLoss:
         unknown = sorted(set(state) - set(self.state_dict()))
         if unknown:
             raise ValueError(f"unexpected objective state {', '.join(map(repr, unknown))} for "
-                             f"loss {self.spec.name!r} (expected: "
+                             f"loss {','.join(s.name for s in self.specs)!r} (expected: "
                              f"{', '.join(sorted(self.state_dict())) or 'none'})")
         if self.state is not None:
             self.state.load_state_dict(state)

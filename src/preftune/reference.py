@@ -93,10 +93,45 @@ class FrozenReference:
         return out.chosen, out.rejected
 
     def sample(self, generate: Generate) -> list[str]:
-        if self._samples is None:  # the reference never changes: sample it once
+        if self._samples is None:  # sampled once, until the reference changes (TR-DPO)
             with self._view():
                 self._samples = generate(self.model)
         return self._samples
+
+    @torch.no_grad()
+    def update_from(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO, Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
+        Alignment" (arXiv:2404.09656), the soft update theta_ref <- alpha * theta +
+        (1 - alpha) * theta_ref, parameter by parameter; alpha = 1 is the hard update (a copy).
+        Both models hold the same parameters in the same order (sharded alike under FSDP2)."""
+        for ref, new in zip(self.model.parameters(), policy.parameters(), strict=True):
+            if alpha == 1.0:
+                ref.copy_(new)
+            else:
+                ref.lerp_(new.to(ref.dtype), alpha)
+        self._samples = None
+
+    def weights(self, world: World) -> dict[str, torch.Tensor]:
+        """The reference's full weights on CPU, for checkpoints (call on every rank)."""
+        if world.distributed:
+            from .distributed import full_state_dict
+
+            return full_state_dict(self.model, world)
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def load_weights(self, weights: dict[str, torch.Tensor], world: World) -> None:
+        """Restore ``weights()`` output exactly."""
+        if world.distributed:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            set_model_state_dict(self.model, weights,
+                                 options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(weights)
+        self._samples = None
 
 
 class AdapterOffReference(FrozenReference):
@@ -120,7 +155,7 @@ def weights_digest(model: torch.nn.Module) -> bytes:
 
 def fingerprint(
     model: torch.nn.Module, examples: Sequence[Example], *, average: bool,
-    weights: bytes | None = None,
+    weights: bytes | None = None, ld_alpha: float | None = None,
 ) -> str:
     """A hex digest of the reference weights, the tokenized pairs and the settings.
 
@@ -128,6 +163,8 @@ def fingerprint(
     eval pairs of one run share it: hashing the weights once is most of the cost)."""
     h = hashlib.blake2b(digest_size=20)
     h.update(f"average={average};n={len(examples)}".encode())
+    if ld_alpha is not None:  # LD-DPO's token weighting changes the numbers
+        h.update(f";ld_alpha={float(ld_alpha)!r}".encode())
     h.update(weights if weights is not None else weights_digest(model))
     for ex in examples:
         for key in KEYS:
@@ -178,14 +215,16 @@ def cached_reference_logps(
     logps: Callable[[torch.nn.Module, dict], PairLogps] | None = None,
     world: World | None = None,
     weights: bytes | None = None,
+    ld_alpha: float | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
     """Reference log-probs from the cache, or computed and stored; returns (logps, hit).
 
     ``logps`` computes a batch's log-probs (default: the plain concatenated forward); any
     exact path gives the same numbers, so it is not part of the fingerprint. ``weights``:
-    ``weights_digest(model)``, if already computed."""
+    ``weights_digest(model)``, if already computed. ``ld_alpha``: the LD-DPO weighting the
+    numbers carry (part of the key)."""
     world = world or World()
-    key = fingerprint(model, examples, average=average, weights=weights)
+    key = fingerprint(model, examples, average=average, weights=weights, ld_alpha=ld_alpha)
     path = cache_dir / f"{key}.safetensors"
     cached, problem = _read_entry(path, len(examples)) if path.is_file() else (None, "")
     hit = cached is not None
@@ -199,7 +238,7 @@ def cached_reference_logps(
         _warn(f"{path}: damaged reference log-prob cache entry ({problem}); recomputing it")
     if logps is None:
         def logps(m, batch):
-            return concatenated_logps(m, batch, average=average)
+            return concatenated_logps(m, batch, average=average, ld_alpha=ld_alpha)
     chosen, rejected = compute_reference_logps(model, examples, batches, logps=logps,
                                                world=world)
     if world.main:

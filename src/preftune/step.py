@@ -52,6 +52,13 @@ class DPOObjective:
     simpo_gamma: float = 0.5
     rpo_alpha: float = 0.0
     options: Mapping[str, float] = field(default_factory=dict)
+    # A weight per loss of ``kind`` ("dpo,bco_pair,sft"); None = 1 each.
+    loss_weights: tuple[float, ...] | None = None
+    divergence: str = "reverse_kl"
+    divergence_alpha: float = 0.5
+    # LD-DPO's weight of the tokens beyond the shorter response's length (None: off).
+    ld_alpha: float | None = None
+    wpo: bool = False
     # The loss with its checked settings and its state (see state_dict); not a setting.
     loss: PreferenceLoss = field(init=False, compare=False, repr=False)
 
@@ -60,9 +67,14 @@ class DPOObjective:
             raise ValueError(f"rpo_alpha must be finite and >= 0, got {self.rpo_alpha}")
         if self.logps not in ("sum", "mean"):
             raise ValueError(f"logps must be 'sum' or 'mean', got {self.logps!r}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         loss = PreferenceLoss(self.kind, beta=self.beta, reference_free=self.reference_free,
                               label_smoothing=self.label_smoothing,
-                              simpo_gamma=self.simpo_gamma, **self.options)
+                              simpo_gamma=self.simpo_gamma, weights=self.loss_weights,
+                              divergence=self.divergence,
+                              divergence_alpha=self.divergence_alpha, **self.options)
+        loss.average = self.logps == "mean" or loss.length_normalized
         object.__setattr__(self, "loss", loss)
 
     @classmethod
@@ -70,7 +82,9 @@ class DPOObjective:
         return cls(beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing,
                    reference_free=cfg.reference_free, logps=cfg.logps, fast=fast,
                    simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha,
-                   options=dict(cfg.loss_options))
+                   options=dict(cfg.loss_options),
+                   loss_weights=cfg.weights(), divergence=cfg.divergence,
+                   divergence_alpha=cfg.divergence_alpha, ld_alpha=cfg.ld_alpha, wpo=cfg.wpo)
 
     @property
     def spec(self) -> LossSpec:
@@ -79,13 +93,13 @@ class DPOObjective:
     @property
     def needs_reference(self) -> bool:
         """Whether the objective uses a reference model (or precomputed reference log-probs)."""
-        return not self.reference_free and self.spec.needs_reference
+        return not self.reference_free and self.loss.needs_reference
 
     @property
     def average(self) -> bool:
         """Whether sequence log-probs are per-token means (``logps=mean``, or the loss is
-        length-normalised like simpo) rather than sums."""
-        return self.logps == "mean" or self.spec.length_normalized
+        length-normalised like simpo; in a weighted sum, every loss) rather than sums."""
+        return self.loss.average
 
     @property
     def reward_mean(self) -> float:
@@ -111,7 +125,8 @@ class DPOObjective:
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> PairLogps:
         """Chosen and rejected log-probs of a micro-batch under ``model``: from ``fast.collate``
         (laid out) or ``collate_pairs`` (padded)."""
-        return batch_logps(model, batch, self.fast, average=self.average)
+        return batch_logps(model, batch, self.fast, average=self.average,
+                           ld_alpha=self.ld_alpha)
 
     def __call__(
         self,
@@ -123,7 +138,12 @@ class DPOObjective:
         # The reference first: its no-grad pass is done before the policy's graph exists.
         ref = reference.logps(batch) if self.needs_reference else None
         pol = self.sequence_logps(policy, batch)
-        losses, r_c, r_r = self.loss(pol.chosen, pol.rejected, *(ref or (None, None)))
+        parts, r_c, r_r = self.loss.parts(pol.chosen, pol.rejected, *(ref or (None, None)),
+                                          pol.chosen_tokens, pol.rejected_tokens)
+        if self.wpo:
+            weight = wpo_weights(pol, average=self.average)
+            parts = {name: value * weight for name, value in parts.items()}
+        losses = self.loss.combine(parts)
         if self.rpo_alpha:
             nll = rpo_nll(pol.chosen, None if self.average else pol.chosen_tokens)
             losses = losses + self.rpo_alpha * nll
@@ -140,6 +160,10 @@ class DPOObjective:
         }
         if self.rpo_alpha:
             sums["nll"] = nll.detach().sum()
+        if len(parts) > 1:  # each loss of a weighted sum, unweighted
+            sums.update({f"loss/{name}": value.detach().sum() for name, value in parts.items()})
+        if self.wpo:
+            sums["wpo_weight"] = weight.sum()
         # One device-to-host copy for all of them (float64 holds float32 sums and counts exactly).
         values = torch.stack([v.double() for v in sums.values()]).tolist()
         stats = Counter({"pairs": len(losses), **dict(zip(sums, values, strict=True))})
@@ -150,6 +174,19 @@ class DPOObjective:
     def denominator(examples: list[dict[str, list[int]]]) -> float:
         """Pairs in the global batch: the loss is a mean over pairs."""
         return float(len(examples))
+
+
+def wpo_weights(pol: PairLogps, *, average: bool) -> Tensor:
+    """WPO's pair weights, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
+    Optimization" (arXiv:2406.11827), Eq. 3: w = exp(mean_t log pi(y_w,t)) * exp(mean_t log
+    pi(y_l,t)), the product of both responses' length-normalised policy probabilities,
+    detached (a weight, not a path for gradients). ``average``: ``pol`` holds means."""
+    chosen, rejected = pol.chosen.detach(), pol.rejected.detach()
+    if not average:
+        chosen = chosen / pol.chosen_tokens.clamp(min=1)
+        rejected = rejected / pol.rejected_tokens.clamp(min=1)
+    dtype = torch.promote_types(chosen.dtype, torch.float32)
+    return torch.exp(chosen.to(dtype) + rejected.to(dtype))
 
 
 @dataclass(frozen=True)

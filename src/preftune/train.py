@@ -165,7 +165,7 @@ def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad
         logps, hit = cached_reference_logps(model, examples, batches,
                                             average=objective.average, cache_dir=cache,
                                             logps=objective.sequence_logps, world=world,
-                                            weights=weights)
+                                            weights=weights, ld_alpha=objective.ld_alpha)
         setattr(data, name, attach(examples, logps))
         if world.main:
             print(f"reference log-probs of {len(examples)} {name} pairs: "
@@ -400,15 +400,26 @@ def build_models(cfg: TrainConfig, world: World, tokenizer, data: Data, objectiv
     same = needs and cfg.reference == cfg.model
     frozen = load_frozen(cfg, world.device, policy) if needs and not same else None
     reference: Reference = NoReference()
-    if needs and cfg.precompute_reference:
+    precompute = cfg.precompute_reference and not syncs_reference(cfg)
+    if precompute != cfg.precompute_reference and world.main:
+        print(f"preftune: note: sync_reference={cfg.sync_reference} updates the reference "
+              "during training: it is a live copy, precompute_reference is off",
+              file=sys.stderr)
+    if needs and precompute:
         reference = precompute_reference(cfg, frozen or policy, data, pad_id_for(tokenizer),
                                          world, objective, sampler)
         frozen = None  # the numbers travel with the pairs now: free the model
         gc.collect()
     if cfg.lora:
         policy = apply_lora(policy, cfg)
-    elif same and not cfg.precompute_reference:  # a live copy of the policy's start
+    elif same and not precompute:  # a live copy of the policy's start
         frozen = load_frozen(cfg, world.device, policy)
+    if frozen is not None and syncs_reference(cfg):
+        shapes = [[p.shape for p in m.parameters()] for m in (policy, frozen)]
+        if shapes[0] != shapes[1]:
+            raise ConfigError(f"reference: sync_reference copies the policy into the "
+                              f"reference; {cfg.reference} has other parameters than "
+                              f"{cfg.model}")
     policy = shard(policy, world, train=True)
     if cfg.compile:
         compile_blocks(policy)
@@ -416,9 +427,24 @@ def build_models(cfg: TrainConfig, world: World, tokenizer, data: Data, objectiv
     objective = with_fast_paths(objective, [policy, frozen], cfg.max_length)
     if frozen is not None:
         reference = FrozenReference(frozen, objective.sequence_logps)
-    elif cfg.lora and same and not cfg.precompute_reference:
+    elif cfg.lora and same and not precompute:
         reference = AdapterOffReference(policy, objective.sequence_logps)
     return policy, reference, objective
+
+
+def syncs_reference(cfg: TrainConfig) -> bool:
+    """Whether the reference is updated from the policy during training (TR-DPO)."""
+    return getattr(cfg, "sync_reference", "none") != "none"
+
+
+def sync_reference(state: TrainState) -> None:
+    """TR-DPO's reference update, after every ``sync_every``-th optimizer step: the soft
+    update mixes ``sync_alpha`` of the policy in, the hard one copies it."""
+    cfg = state.cfg
+    if not syncs_reference(cfg) or state.counters.step % cfg.sync_every:
+        return
+    alpha = 1.0 if cfg.sync_reference == "hard" else cfg.sync_alpha
+    state.reference.update_from(state.policy, alpha)
 
 
 def build_objective(cfg: TrainConfig, pad_id: int) -> Objective:
@@ -514,6 +540,8 @@ def restore(state: TrainState, checkpoint: Path) -> None:
     saved = load_checkpoint(checkpoint, state.policy, state.optimizer)
     state.scheduler.load_state_dict(saved["scheduler"])
     state.objective.load_state_dict(saved.get("objective", {}))
+    if syncs_reference(state.cfg):  # TR-DPO: the reference has moved since the start
+        state.reference.load_weights(saved["reference"], state.world)
     set_rng_state(saved["rng"])
     state.counters = Counters(**saved["counters"])
 
@@ -556,6 +584,7 @@ def train_step(state: TrainState, examples: list[Example]) -> dict[str, Any]:
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     counters.step += 1
+    sync_reference(state)
     counters.examples += len(examples)
     counters.tokens += int(stats["tokens"])
     return {"split": "train", "step": counters.step, "examples": counters.examples,
@@ -640,10 +669,12 @@ def run_samples(state: TrainState) -> None:
 
 def save(state: TrainState) -> None:
     """A checkpoint of everything ``restore`` reads back."""
+    extra = ({"reference": state.reference.weights(state.world)}
+             if syncs_reference(state.cfg) else {})
     save_checkpoint(state.out, state.counters.step, state.policy, state.optimizer, {
         "counters": dataclasses.asdict(state.counters),
         "scheduler": state.scheduler.state_dict(), "objective": state.objective.state_dict(),
-        "rng": rng_state()}, state.cfg.keep_checkpoints, state.world)
+        "rng": rng_state(), **extra}, state.cfg.keep_checkpoints, state.world)
 
 
 def finish(state: TrainState) -> Path:
