@@ -9,6 +9,7 @@ reference the objective compares with in ``reference``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import json
@@ -17,6 +18,7 @@ import random
 import shutil
 import sys
 import time
+import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,7 +50,15 @@ from .config import (
     read_yaml,
     show,
 )
-from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
+from .data import (
+    SkipReport,
+    collate_pairs,
+    collate_sft,
+    load_pairs,
+    pad_id_for,
+    tokenize_pair,
+    tokenize_sft,
+)
 from .data.tokenize import chat_template_check
 from .distributed import (
     World,
@@ -69,6 +79,7 @@ from .memory import memory_releaser
 from .models import (
     cache_dir,
     compile_blocks,
+    disable_dropout,
     enable_activation_checkpointing,
     load_model,
     load_tokenizer,
@@ -102,6 +113,7 @@ class Data:
     eval: list[Example]
     sample_prompts: list[Example]  # tokenized held-out pairs whose prompts are sampled from
     dropped: int  # training pairs left out of the last, incomplete batch of an epoch
+    reports: dict[str, SkipReport] = field(default_factory=dict)  # file name -> skipped rows
 
 
 Objective = DPOObjective | SFTObjective
@@ -141,6 +153,7 @@ class TrainState:
     progress: bool = False
     counters: Counters = field(default_factory=Counters)
     release: Callable[[], object] = field(default=lambda: None)
+    saved_step: int | None = None  # the step of the newest checkpoint this run saved or resumed
 
 
 def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad: int,
@@ -184,6 +197,9 @@ def _stage(cfg: TrainConfig) -> str:
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill every 'same as' / 'auto' default with its value, for config.yaml and the run."""
     stage = _stage(cfg)
+    if cfg.tokenizer is None and not isinstance(cfg.model, str):
+        raise ConfigError("tokenizer: required with a loaded model (pass its tokenizer object "
+                          "or folder)")
     updates: dict = {"tokenizer": cfg.tokenizer or cfg.model}
     if cfg.output_dir is None:
         updates["output_dir"] = f"runs/{stage}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -209,8 +225,8 @@ def preflight(cfg: TrainConfig, out: Path) -> None:
     if cfg.resume not in (None, False):
         remove_interrupted_writes(out)
         remove_interrupted_exports(out / "final")
-    folder = Path(cfg.model)
-    if not folder.is_dir():
+    folder = Path(cfg.model) if isinstance(cfg.model, str) else None
+    if folder is None or not folder.is_dir():
         return  # a hub id or alias: size unknown until downloaded or converted
     need = disk_needed(folder, out, keep=cfg.keep_checkpoints,
                        optimizer_states=1 if cfg.optimizer == "rmsprop" else 2,
@@ -268,17 +284,13 @@ def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1
     ``out`` receives the skipped-rows reports (None on ranks other than 0). Under N processes
     the eval set is cut to a multiple of N, so every rank runs the same number of forwards.
     """
-    quiet = out is None
     check = chat_template_check(tokenizer)  # a row the chat template rejects is a skipped row
-    pairs, report = load_pairs(cfg.dataset, cfg.dataset_format, strict=cfg.strict_data,
-                               quiet=quiet, check=check)
-    if out is not None:
-        report.write(out / "data_report.json")
+    read = partial(load_pairs, format=cfg.dataset_format, strict=cfg.strict_data, quiet=True,
+                   check=check, fields=cfg.field_map())
+    pairs, report = read(cfg.dataset)
+    reports = {"data_report.json": report}
     if cfg.eval_dataset is not None:
-        eval_pairs, eval_report = load_pairs(cfg.eval_dataset, cfg.dataset_format,
-                                             strict=cfg.strict_data, quiet=quiet, check=check)
-        if out is not None:
-            eval_report.write(out / "eval_data_report.json")
+        eval_pairs, reports["eval_data_report.json"] = read(cfg.eval_dataset)
         eval_pairs = eval_pairs[: cfg.eval_examples]
         train_pairs = pairs
     else:
@@ -307,7 +319,18 @@ def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1
     samples = (eval_examples[: cfg.n_samples] if tokenize is tokenize_pair
                else [encode(p, tokenize_pair) for p in eval_pairs[: cfg.n_samples]])
     train = [encode(p) for p in train_pairs]
-    return Data(train, eval_examples, samples, dropped=len(train) % cfg.batch_size)
+    if out is not None:  # one short line per file; the rows are in the report files
+        for name, skipped in reports.items():
+            if skipped.skipped:
+                print(skipped.short(f"{out / name}, preftune data inspect"), file=sys.stderr)
+    return Data(train, eval_examples, samples, dropped=len(train) % cfg.batch_size,
+                reports=reports)
+
+
+def write_data_reports(data: Data, out: Path) -> None:
+    """The skipped-rows reports, once the run is about to start (a failed start leaves none)."""
+    for name, report in data.reports.items():
+        report.write(out / name)
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -341,6 +364,18 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+PAPER_WARMUP = 150  # the DPO reference implementation's warmup steps
+WARMUP_FRACTION = 0.1  # of a run's steps: the most an unset warmup_steps takes
+
+
+def warmup_for(cfg: TrainConfig, total_steps: int) -> int:
+    """``warmup_steps`` as set, else the paper's 150 capped at a tenth of the run's steps, so
+    that a short try is not all warmup (runs of 1,500 steps or more keep 150)."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return min(PAPER_WARMUP, int(total_steps * WARMUP_FRACTION))
+
+
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     """Linear warmup over ``warmup`` steps (as the reference implementation), then the schedule."""
     if step < warmup:
@@ -365,8 +400,13 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def load_policy(cfg: TrainConfig, device: torch.device, tokenizer) -> torch.nn.Module:
-    """The trainable policy (dropout off, activation checkpointing as configured)."""
-    policy = load_model(cfg.model, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    """The trainable policy (dropout off, activation checkpointing as configured); a loaded
+    model (Python API) is trained in place."""
+    if isinstance(cfg.model, str):
+        policy = load_model(cfg.model, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    else:
+        policy = cfg.model.to(_dtype(cfg))
+        disable_dropout(policy)
     vocab = policy.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise ConfigError(f"tokenizer: {len(tokenizer)} tokens, more than the model's "
@@ -378,8 +418,14 @@ def load_policy(cfg: TrainConfig, device: torch.device, tokenizer) -> torch.nn.M
 
 
 def load_frozen(cfg: DPOConfig, device: torch.device, policy: torch.nn.Module) -> torch.nn.Module:
-    """A separate frozen reference model, checked against the policy's vocabulary."""
-    model = load_model(cfg.reference, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    """A separate frozen reference model, checked against the policy's vocabulary (a copy of a
+    loaded one: the policy may be that very object)."""
+    if isinstance(cfg.reference, str):
+        model = load_model(cfg.reference, dtype=_dtype(cfg),
+                           trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = copy.deepcopy(cfg.reference).to(_dtype(cfg))
+        disable_dropout(model)
     model.to(device).eval().requires_grad_(False)
     p_vocab = policy.get_output_embeddings().weight.shape[0]
     r_vocab = model.get_output_embeddings().weight.shape[0]
@@ -470,8 +516,9 @@ def make_state(cfg: TrainConfig, world: World, policy: torch.nn.Module, referenc
     """The state ``train_step`` needs around built models: optimizer, schedule, collate
     function (``rest``: the other ``TrainState`` fields, for a full run)."""
     optimizer = build_optimizer(cfg, policy)
+    warmup = warmup_for(cfg, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.scheduler))
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, cfg.scheduler))
     return TrainState(cfg, world, policy, reference, objective, optimizer, scheduler,
                       collate_for(objective, pad_id), pad_id, total_steps,
                       release=memory_releaser(cfg.release_memory, world.device), **rest)
@@ -486,28 +533,55 @@ def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
         preflight(cfg, out)
     barrier(world)
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = (load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+                 if isinstance(cfg.tokenizer, str) else cfg.tokenizer)
     pad_id = pad_id_for(tokenizer)
     data = load_data(cfg, tokenizer, out if world.main else None, world.size)
     sampler = make_sampler(cfg, tokenizer, data, pad_id, world)
-    policy, reference, objective = build_models(cfg, world, tokenizer, data,
-                                                build_objective(cfg, pad_id), sampler)
+    stored = (stored_reference_samples(out, tokenizer, data)
+              if resume_from is not None and sampler is not None else None)
+    policy, reference, objective = build_models(
+        cfg, world, tokenizer, data, build_objective(cfg, pad_id),
+        sampler if stored is None else lambda model, synced=None: stored)
+    if stored is not None and hasattr(reference, "_samples"):  # a live reference: sampled once
+        reference._samples = stored
     total_steps = cfg.max_steps or len(data.train) // cfg.batch_size * cfg.epochs
     state = make_state(cfg, world, policy, reference, objective, pad_id, total_steps,
                        data=data, out=out, tokenizer=tokenizer, sampler=sampler,
                        progress=progress)
     if resume_from is not None:
         restore(state, resume_from)
+        state.saved_step = state.counters.step
     if world.main:
         if cfg.resume is not None:
             truncate_logs(out, state.counters.step)
         if resume_from is not None:  # finish a prune the crash interrupted
             prune_checkpoints(out, cfg.keep_checkpoints)
-        dump_config(cfg, out / "config.yaml")
+            shown = resume_from.relative_to(out) if resume_from.is_relative_to(out) else resume_from
+            print(f"resumed from {shown} (step {state.counters.step} of {total_steps})",
+                  file=sys.stderr)
+        # config.yaml never holds resume: it loads back as the run itself, started afresh.
+        dump_config(dataclasses.replace(cfg, resume=None), out / "config.yaml")
+        write_data_reports(data, out)
     state.log = RunLog(out, total_steps, _stage(cfg), state.counters.step, progress,
                        enabled=world.main, report_to=cfg.report_sinks(),
                        config=config_to_dict(cfg))
     return state
+
+
+def stored_reference_samples(out: Path, tokenizer, data: Data) -> list[str] | None:
+    """The reference's completions of the sample prompts as the run being resumed logged them
+    (samples.jsonl), so that a resumed run does not generate them again; None if they are not
+    there for exactly these prompts."""
+    rows = [r for r in read_jsonl(out / "samples.jsonl") if isinstance(r.get("reference"), str)]
+    if not rows:
+        return None
+    rows = [r for r in rows if r["step"] == rows[0]["step"]]
+    prompts = tokenizer.batch_decode([ex["prompt_input_ids"] for ex in data.sample_prompts],
+                                     skip_special_tokens=False)
+    if [r.get("prompt") for r in rows] != prompts:
+        return None
+    return [r["reference"] for r in rows]
 
 
 def restore(state: TrainState, checkpoint: Path) -> None:
@@ -616,8 +690,10 @@ def log_step(state: TrainState, record: dict[str, Any]) -> None:
 
 def run_eval(state: TrainState) -> None:
     """The objective's metrics on the held-out pairs, summed over every process."""
+    mine = len(share(state.data.eval, state.world))
     batches = micro_batches_of(state, state.data.eval)
-    stats = evaluate(state.policy, state.reference, state.objective, batches, state.progress)
+    stats = evaluate(state.policy, state.reference, state.objective, batches, state.progress,
+                     total=-(-mine // state.cfg.micro_batch_size))
     stats = sum_across(stats, state.world)
     state.log.eval({"split": "eval", "step": state.counters.step,
                     "examples": state.counters.examples, **finalize(stats)})
@@ -645,11 +721,15 @@ def save(state: TrainState) -> None:
         "counters": dataclasses.asdict(state.counters),
         "scheduler": state.scheduler.state_dict(), "objective": state.objective.state_dict(),
         "rng": rng_state()}, state.cfg.keep_checkpoints, state.world)
+    state.saved_step = state.counters.step
 
 
 def finish(state: TrainState) -> Path:
     """The last eval and samples, then the export to ``final/``, the report and a summary."""
     cfg, world, out = state.cfg, state.world, state.out
+    if (cfg.save_every != 0 and state.counters.nonfinite_run == 0
+            and state.saved_step != state.counters.step):
+        save(state)  # the final state, so that a larger max_steps can continue from it
     run_eval(state)
     if cfg.n_samples:
         run_samples(state)
@@ -678,13 +758,38 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     world = init_world(cfg.device)
     try:
         cfg = resolve(cfg)  # the lock on output_dir is held by rank 0 until the run ends
-        with claim_output_dir(Path(cfg.output_dir), resuming=cfg.resume is not None,
-                              hold=world.main):
-            state = setup(cfg, world, progress=progress and world.main)
-            fit(state)
+        out = Path(cfg.output_dir)
+        with claim_output_dir(out, resuming=cfg.resume is not None, hold=world.main):
+            state = None
+            try:
+                state = setup(cfg, world, progress=progress and world.main)
+                fit(state)
+            except BaseException:
+                if world.main and cfg.resume is None and (state is None
+                                                          or state.counters.step == 0):
+                    discard_start(out, state)
+                raise
             return finish(state)
     finally:
         close_world(world)
+
+
+# What a run writes before its first step; a fresh run that fails by then removes them.
+START_FILES = ("config.yaml", "data_report.json", "eval_data_report.json", "metrics.jsonl",
+               "samples.jsonl")
+
+
+def discard_start(out: Path, state: TrainState | None) -> None:
+    """Remove what a fresh run wrote before it failed (or was stopped) ahead of its first
+    step, so that the folder holds no run that never began (``claim_output_dir`` then removes
+    the folder it made)."""
+    try:
+        if state is not None and state.log is not None:
+            state.log.close()
+        for name in START_FILES:
+            (out / name).unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - the failure being raised matters more than this cleanup
+        pass
 
 
 def print_summary(final: Path, evals: list[dict], data: Data) -> None:
@@ -701,3 +806,15 @@ def print_summary(final: Path, evals: list[dict], data: Data) -> None:
             if len(evals) > 1:
                 line += f" -> last {last[key]:.4f}"
             print(line)
+
+
+class _CallableModule(types.ModuleType):
+    """``preftune.train`` is this module once anything imports it, and the Python API's
+    ``train`` function otherwise: calling the module runs :func:`train`, so
+    ``from preftune import train; train(config)`` works either way."""
+
+    def __call__(self, cfg: TrainConfig, *, progress: bool = True) -> Path:
+        return train(cfg, progress=progress)
+
+
+sys.modules[__name__].__class__ = _CallableModule
