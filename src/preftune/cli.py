@@ -137,8 +137,7 @@ def interrupted_message(command: str, args: list[str], output_dir: str) -> str:
     out = Path(output_dir)
     found = latest_checkpoint(out) if out.is_dir() else None
     if found is None:
-        return ("preftune: interrupted before the first checkpoint (save_every=); nothing to "
-                "resume from yet")
+        return "preftune: interrupted before the first checkpoint; nothing to resume from yet"
     kept = [a for a in args if not a.startswith(("resume=", "output_dir="))]
     again = shlex.join(["preftune", command, *kept, f"output_dir={output_dir}", "resume=true"])
     return (f"preftune: interrupted; the latest checkpoint is {found}. Continue with:\n"

@@ -159,8 +159,8 @@ class TrainConfig:
                         "fewer keeps small runs fast)", ">= 0")
     max_new_tokens: int = _f("eval", 128, "max tokens per sample", "> 0")
     log_every: int = _f("eval", 1, "log metrics every N steps", "> 0")
-    save_every: int | None = _f("eval", None, "checkpoint every N steps, 0 = never; "
-                                "null = eval_every", ">= 0")
+    save_every: int | None = _f("eval", None, "checkpoint every N steps and at the end, 0 = "
+                                "only at the end; null = eval_every", ">= 0")
     keep_checkpoints: int = _f("eval", 2, "keep the last N checkpoints", "> 0")
     resume: str | None = _f("run", None, "true (or latest) = continue from the latest "
                             "checkpoint in output_dir (fresh start if none), or a checkpoint "
@@ -500,12 +500,13 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    """Write the fully resolved config as YAML that `load_config` reads back unchanged."""
+    """Write the fully resolved config as YAML that `load_config` reads back unchanged, less
+    ``resume``: how a run was started is not part of it, and the file loads as a fresh run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"# preftune {type(cfg).__name__}, fully resolved\n"
-    path.write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
-                    encoding="utf-8")
+    values = {k: v for k, v in config_to_dict(cfg).items() if k != "resume"}
+    path.write_text(header + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
 
 def config_help(cls: type[TrainConfig]) -> str:

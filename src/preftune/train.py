@@ -560,8 +560,7 @@ def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
             shown = resume_from.relative_to(out) if resume_from.is_relative_to(out) else resume_from
             print(f"resumed from {shown} (step {state.counters.step} of {total_steps})",
                   file=sys.stderr)
-        # config.yaml never holds resume: it loads back as the run itself, started afresh.
-        dump_config(dataclasses.replace(cfg, resume=None), out / "config.yaml")
+        dump_config(cfg, out / "config.yaml")  # without resume: it loads as a fresh run
         write_data_reports(data, out)
     state.log = RunLog(out, total_steps, _stage(cfg), state.counters.step, progress,
                        enabled=world.main, report_to=cfg.report_sinks(),
@@ -727,8 +726,7 @@ def save(state: TrainState) -> None:
 def finish(state: TrainState) -> Path:
     """The last eval and samples, then the export to ``final/``, the report and a summary."""
     cfg, world, out = state.cfg, state.world, state.out
-    if (cfg.save_every != 0 and state.counters.nonfinite_run == 0
-            and state.saved_step != state.counters.step):
+    if state.counters.nonfinite_run == 0 and state.saved_step != state.counters.step:
         save(state)  # the final state, so that a larger max_steps can continue from it
     run_eval(state)
     if cfg.n_samples:
