@@ -3,6 +3,7 @@ to do, no leftovers from a failed start, quiet logs, column mapping, the Python 
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -113,11 +114,20 @@ def test_output_to_a_file_is_plain_lines(tmp_path, tiny_model_dir):
     """stderr that is not a terminal gets plain progress lines, no carriage returns and no
     third-party FutureWarnings; the skipped rows are one short line."""
     settings = run_settings(tmp_path, tiny_model_dir, "run", **SMALL)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # the reference pass runs
     proc = subprocess.run([sys.executable, "-m", "preftune", "dpo", *_args(settings)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\r" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
     lines = proc.stderr.splitlines()
+    plan = [line for line in lines if line.startswith("plan: ")]
+    assert len(plan) == 1 and re.fullmatch(
+        r"plan: 16 training pairs, 4 held out; 3 steps of 4 \(micro-batches of 2\), warmup 0 "
+        r"steps; about [\d,]+ tokens", plan[0]), plan
+    assert any(re.fullmatch(r"reference pass over 16 pairs: about \d+s \(8 micro-batches; the "
+                            r"first took \d+s\)", line) for line in lines), lines
+    assert any(re.fullmatch(r"step 1 took \d+s: about \d+s for the 2 steps left \(evals and "
+                            r"sampling extra\)", line) for line in lines), lines
     assert [line.split(":")[0] for line in lines if " step " in line and "/3" in line] == [
         "dpo step 1/3", "dpo step 2/3", "dpo step 3/3"]
     skipped = [line for line in lines if line.startswith("skipped ")]
@@ -157,7 +167,7 @@ def test_field_mapping_reads_a_renamed_file_as_the_original(tmp_path):
 def test_python_api_with_rows_and_a_loaded_model_equals_the_cli(tmp_path, tiny_model_dir,
                                                                  capfd):
     pairs, _ = load_pairs(HH_HELPFUL)
-    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs[:40]]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cli = run_settings(tmp_path, tiny_model_dir, "cli", **SMALL, dataset=str(data))

@@ -99,7 +99,7 @@ from .reference import (
 from .report import write_report
 from .rundir import claim_output_dir
 from .step import DPOObjective, SFTObjective, finalize
-from .tracking import RunLog, read_jsonl
+from .tracking import RunLog, duration, read_jsonl
 
 Example = dict[str, list[int]]
 
@@ -166,7 +166,9 @@ def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad
     collate = collate_for(objective, pad)
 
     def batches(examples):
-        return micro_batches(examples, cfg.micro_batch_size, collate, world.device)
+        found = micro_batches(examples, cfg.micro_batch_size, collate, world.device)
+        count = -(-len(share(examples, world)) // cfg.micro_batch_size)
+        return timed_first(found, count, f"reference pass over {len(examples)} pairs")
 
     cache = cache_dir() / "reference-logps"
     was_training = model.training  # the policy itself may serve as the reference here
@@ -345,6 +347,34 @@ def micro_batches(examples: list[Example], size: int, collate, device):
     for i in range(0, len(examples), size):
         batch = collate(examples[i : i + size])
         yield {k: v.to(device) for k, v in batch.items()}
+
+
+def timed_first(batches: Iterator[dict], count: int, what: str) -> Iterator[dict]:
+    """``batches`` as they are; once the first has been used, print how long ``what`` (all
+    ``count`` of them) will take at that pace."""
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        if i == 1:
+            first = time.perf_counter() - start
+            print(f"{what}: about {duration(first * count)} ({count} micro-batches; the first "
+                  f"took {duration(first)})", file=sys.stderr)
+        yield batch
+
+
+def plan(cfg: TrainConfig, data: Data, total_steps: int) -> str:
+    """What a run is about to do, in one line: data, steps, tokens, warmup."""
+    unit = "pairs" if _stage(cfg) == "dpo" else "examples"
+
+    def tokens(example: Example) -> int:  # each sequence the forward runs, prompt included
+        return sum(len(v) for k, v in example.items()
+                   if k.endswith("input_ids") and k != "prompt_input_ids")
+
+    per_example = sum(map(tokens, data.train)) / max(len(data.train), 1)
+    total = round(per_example * cfg.batch_size * total_steps)
+    warmup = warmup_for(cfg, total_steps)
+    return (f"plan: {len(data.train)} training {unit}, {len(data.eval)} held out; {total_steps} "
+            f"steps of {cfg.batch_size} (micro-batches of {cfg.micro_batch_size}), warmup "
+            f"{warmup} step{'s' * (warmup != 1)}; about {total:,} tokens")
 
 
 def fast_paths(cfg: DPOConfig, pad_id: int) -> FastPaths | None:
@@ -537,6 +567,9 @@ def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
                  if isinstance(cfg.tokenizer, str) else cfg.tokenizer)
     pad_id = pad_id_for(tokenizer)
     data = load_data(cfg, tokenizer, out if world.main else None, world.size)
+    total_steps = cfg.max_steps or len(data.train) // cfg.batch_size * cfg.epochs
+    if world.main:
+        print(plan(cfg, data, total_steps), file=sys.stderr)
     sampler = make_sampler(cfg, tokenizer, data, pad_id, world)
     stored = (stored_reference_samples(out, tokenizer, data)
               if resume_from is not None and sampler is not None else None)
@@ -545,7 +578,6 @@ def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
         sampler if stored is None else lambda model, synced=None: stored)
     if stored is not None and hasattr(reference, "_samples"):  # a live reference: sampled once
         reference._samples = stored
-    total_steps = cfg.max_steps or len(data.train) // cfg.batch_size * cfg.epochs
     state = make_state(cfg, world, policy, reference, objective, pad_id, total_steps,
                        data=data, out=out, tokenizer=tokenizer, sampler=sampler,
                        progress=progress)
@@ -654,8 +686,16 @@ def fit(state: TrainState) -> None:
     """Train to ``total_steps``: each step, then what is due after it."""
     if state.counters.step == 0:
         run_eval(state)  # the baseline: a DPO loss of ln 2 when policy and reference are equal
+    first = True
     while state.counters.step < state.total_steps:
-        record = train_step(state, next_examples(state))
+        examples = next_examples(state)
+        record = train_step(state, examples)
+        if first:  # the pace, measured on this run's first step
+            first, seconds = False, len(examples) / record["examples_per_second"]
+            left = state.total_steps - state.counters.step
+            state.log.note(f"step {state.counters.step} took {duration(seconds)}: about "
+                           f"{duration(seconds * left)} for the {left} steps left (evals and "
+                           "sampling extra)")
         log_step(state, record)
         cfg = state.cfg
         if due(state, cfg.eval_every):
