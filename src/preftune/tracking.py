@@ -74,6 +74,7 @@ class Progress:
     def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0) -> None:
         self.plain = enabled and not on_terminal()
         self.total, self.desc, self.start, self.first = total, desc, time.monotonic(), initial
+        self.step = initial  # the optimizer step (a disabled tqdm bar does not count)
         self.every = max(1, total // PLAIN_LINES)
         self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True,
                         disable=not enabled or self.plain, file=sys.stderr, initial=initial)
@@ -86,7 +87,8 @@ class Progress:
         shown["ex/s"] = f"{record['examples_per_second']:.2f}"
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
-        step = record["step"]
+        self.step += 1
+        step = self.step
         if self.plain and (step % self.every == 0 or step == self.total):
             elapsed = time.monotonic() - self.start
             left = elapsed / max(step - self.first, 1) * (self.total - step)
