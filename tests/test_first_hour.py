@@ -157,6 +157,10 @@ def test_field_mapping_reads_a_renamed_file_as_the_original(tmp_path):
     cfg = DPOConfig(model="m", dataset=str(renamed), prompt_field="question",
                     chosen_field="good", rejected_field="bad")
     assert contents(load_pairs(renamed, fields=cfg.field_map())[0]) == want
+    converted = tmp_path / "converted.jsonl"
+    assert main(["data", "convert", str(renamed), str(converted), "--prompt-field", "question",
+                 "--chosen-field", "good", "--rejected-field", "bad"]) == 0
+    assert contents(read_pairs(converted)) == want
     with pytest.raises(DataError) as undetected:
         list(read_pairs(renamed))
     assert ("name your fields with prompt_field=, chosen_field=, rejected_field= (a message "
