@@ -206,3 +206,27 @@ def test_version_demo_help_and_a_closed_pipe():
                           stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write)
     assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_a_resumed_run_does_not_sample_the_reference_again(tmp_path, tiny_model_dir,
+                                                           monkeypatch):
+    import preftune.train as loop
+
+    calls = []
+
+    def counting(model, *args, **kw):
+        calls.append(model)
+        return real(model, *args, **kw)
+
+    real = loop.generate
+    monkeypatch.setattr(loop, "generate", counting)
+    settings = run_settings(tmp_path, tiny_model_dir, "run", eval_examples=4, n_samples=2,
+                            max_new_tokens=2, max_steps=2)
+    loop.train(DPOConfig(**settings), progress=False)
+    assert len(calls) == 2  # the reference, once before training; the policy at the end
+    calls.clear()
+    loop.train(DPOConfig(**{**settings, "max_steps": 3, "resume": "true"}), progress=False)
+    assert len(calls) == 1  # the policy only
+    rows = records(tmp_path / "run", name="samples.jsonl")
+    assert [r["step"] for r in rows] == [2, 2, 3, 3]
+    assert [r["reference"] for r in rows[:2]] == [r["reference"] for r in rows[2:]]

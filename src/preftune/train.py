@@ -167,7 +167,9 @@ def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad
 
     def batches(examples):
         found = micro_batches(examples, cfg.micro_batch_size, collate, world.device)
-        count = -(-len(share(examples, world)) // cfg.micro_batch_size)
+        if not world.main:
+            return found
+        count = -(-len(examples) // cfg.micro_batch_size)  # this process's share of the pairs
         return timed_first(found, count, f"reference pass over {len(examples)} pairs")
 
     cache = cache_dir() / "reference-logps"
@@ -826,7 +828,7 @@ def discard_start(out: Path, state: TrainState | None) -> None:
             state.log.close()
         for name in START_FILES:
             (out / name).unlink(missing_ok=True)
-    except Exception:  # noqa: BLE001 - the failure being raised matters more than this cleanup
+    except Exception:  # the failure being raised matters more than this cleanup
         pass
 
 
