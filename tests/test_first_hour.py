@@ -1,6 +1,7 @@
 """A new user's first hour: defaults that fit a short try, interrupts and resumes that say what
 to do, no leftovers from a failed start, quiet logs, column mapping, the Python API."""
 
+import gzip
 import json
 import os
 import re
@@ -230,3 +231,21 @@ def test_a_resumed_run_does_not_sample_the_reference_again(tmp_path, tiny_model_
     rows = records(tmp_path / "run", name="samples.jsonl")
     assert [r["step"] for r in rows] == [2, 2, 3, 3]
     assert [r["reference"] for r in rows[:2]] == [r["reference"] for r in rows[2:]]
+
+
+def test_rows_in_memory_read_as_the_file(tmp_path):
+    from datasets import Dataset
+
+    with gzip.open(HH_HELPFUL, "rt") as f:
+        rows = [json.loads(next(f)) for _ in range(30)]
+
+    def contents(pairs):
+        return [(p.prompt, p.chosen, p.rejected, p.format) for p in pairs]
+
+    want = contents(load_pairs(HH_HELPFUL)[0])[: len(load_pairs(rows)[0])]
+    assert contents(load_pairs(rows)[0]) == want
+    assert contents(load_pairs(Dataset.from_list(rows))[0]) == want
+    assert DPOConfig(model="m", dataset=Dataset.from_list(rows)).dataset.num_rows == 30
+    with pytest.raises(preftune.config.ConfigError, match="^model: expected a string or a "
+                       "loaded model, got list$"):
+        DPOConfig(model=[1], dataset="d")
