@@ -75,6 +75,7 @@ class Progress:
         self.plain = enabled and not on_terminal()
         self.total, self.desc, self.start, self.first = total, desc, time.monotonic(), initial
         self.step = initial  # the optimizer step (a disabled tqdm bar does not count)
+        self.paced: tuple[int, float] | None = None  # (step, time) the pace is measured from
         self.every = max(1, total // PLAIN_LINES)
         self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True,
                         disable=not enabled or self.plain, file=sys.stderr, initial=initial)
@@ -89,12 +90,17 @@ class Progress:
         self.bar.update(1)
         self.step += 1
         step = self.step
+        now = time.monotonic()
+        if self.paced is None:  # the pace counts from the end of this run's first step
+            self.paced = (step, now)
         if self.plain and (step % self.every == 0 or step == self.total):
-            elapsed = time.monotonic() - self.start
-            left = elapsed / max(step - self.first, 1) * (self.total - step)
-            print(f"{self.desc} step {step}/{self.total}: "
-                  + " ".join(f"{k} {v}" for k, v in shown.items())
-                  + f", {duration(elapsed)} elapsed, {duration(left)} left", file=sys.stderr)
+            line = (f"{self.desc} step {step}/{self.total}: "
+                    + " ".join(f"{k} {v}" for k, v in shown.items())
+                    + f", {duration(now - self.start)} elapsed")
+            if step > self.paced[0]:
+                pace = (now - self.paced[1]) / (step - self.paced[0])
+                line += f", {duration(pace * (self.total - step))} left"
+            print(line, file=sys.stderr)
 
     def write(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)
