@@ -421,7 +421,8 @@ def test_row_the_chat_template_rejects_is_skipped_and_reported(models, tmp_path,
     rc = main(["dpo", *_run_args(models, out, data, model=model)])
     err = capfd.readouterr().err
     assert rc == 0, err
-    assert f"skipped 1 of 7 rows: chat template failed 1 ({data}:3)" in err.splitlines()
+    assert (f"skipped 1 of 7 rows: chat template failed 1 (rows: {out}/data_report.json, "
+            "preftune data inspect)") in err.splitlines()
     report = json.loads((out / "data_report.json").read_text())
     assert report["counts"] == {"chat template failed": 1} and report["kept"] == 6
     assert (out / "final" / "config.json").is_file()
@@ -470,10 +471,11 @@ def test_bad_rows_are_skipped_and_reported(models, tmp_path, capfd):
     assert eval_report["counts"] == {"prompt mismatch": 1}
     assert eval_report["examples"] == {"prompt mismatch": [f"{hh}:3"]}
     lines = captured.err.splitlines()
-    assert (f"skipped 4 of 9 rows: empty response 1 ({rows}:5); field 'chosen' is not a string 1 "
-            f"({rows}:2); identical responses 1 ({rows}:7); missing field 'rejected' 1 "
-            f"({rows}:4)") in lines
-    assert f"skipped 1 of 6 rows: prompt mismatch 1 ({hh}:3)" in lines
+    assert ("skipped 4 of 9 rows: empty response 1, field 'chosen' is not a string 1, "
+            "identical responses 1, missing field 'rejected' 1 "
+            f"(rows: {out}/data_report.json, preftune data inspect)") in lines
+    assert (f"skipped 1 of 6 rows: prompt mismatch 1 (rows: {out}/eval_data_report.json, "
+            "preftune data inspect)") in lines
 
 
 # --- subprocesses: `python -m preftune`, as users run it ----------------------------------------

@@ -81,7 +81,7 @@ def test_resume_after_random_sigkills_is_bitwise_identical(tmp_path, tiny_model_
     assert kills == 3, f"the run finished after {kills} kills"
     _assert_same_run(straight, run)
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert kept == ["latest", "step-6", "step-7"]  # the last step is exported, not checkpointed
+    assert kept == ["latest", "step-7", "step-8"]  # the final state is checkpointed too
 
 
 def _safe_records(run):
@@ -138,10 +138,10 @@ def test_crash_between_latest_and_prune_is_pruned_on_resume(tmp_path, tiny_model
     assert names == ["latest", "step-1", "step-2", "step-3"]
     monkeypatch.setattr(checkpoint, "prune_checkpoints", real_prune)
     (run / "checkpoints" / ".step-9.tmp").mkdir()  # as a crash mid-write leaves it
-    # The resumed run only does step 4, which is exported and never checkpointed.
+    # The resumed run only does step 4, checkpointed as the final state.
     train(DPOConfig(**cfg, output_dir=str(run), resume="true"), progress=False)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["latest", "step-2", "step-3"]
+    assert names == ["latest", "step-3", "step-4"]
 
 
 def test_new_run_refuses_existing_folder_and_resume_checks_config(tmp_path, tiny_model_dir,

@@ -106,7 +106,11 @@ def test_a_failed_claim_leaves_the_folder_as_it_was(tmp_path):
     folder = tmp_path / "run"
     with pytest.raises(RuntimeError), claim_output_dir(folder, resuming=False):
         raise RuntimeError("the model could not be loaded")
-    assert folder.is_dir() and not any(folder.iterdir())
+    assert not folder.exists() and tmp_path.is_dir()  # the claim made it, and removed it
+    folder.mkdir()
+    with pytest.raises(RuntimeError), claim_output_dir(folder, resuming=False):
+        raise RuntimeError("the model could not be loaded")
+    assert folder.is_dir() and not any(folder.iterdir())  # the user's empty folder stays
 
 
 def test_older_run_folder_without_marker_resumes_and_is_marked(tmp_path):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 USAGE = """usage: preftune {sft,dpo} [CONFIG.yaml] [key=value ...] [--debug]
        preftune {sft,dpo} --help
+       preftune --version
        preftune demo [key=value ...]
        preftune report OUTPUT_DIR
        preftune data {inspect,convert} DATASET ... (see preftune data --help)
@@ -21,12 +22,44 @@ USAGE = """usage: preftune {sft,dpo} [CONFIG.yaml] [key=value ...] [--debug]
 Keys come from the YAML file and/or key=value overrides (overrides win).
 --debug shows the full traceback of an error."""
 
+DEMO_USAGE = """usage: preftune demo [key=value ...] [--debug]
+
+DPO of SmolLM2-135M-Instruct on generated controlled-sentiment pairs, offline, from the recipe
+src/preftune/recipes/demo.yaml, into runs/demo-<time>/; then held-out reward accuracy and
+margin and a word lexicon's score of policy and reference completions. key=value overrides
+are those of preftune dpo (see preftune dpo --help), e.g. max_steps=12."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # the reader went away (`preftune dpo --help | head`): not an error
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture)
+        pass
+    finally:
+        os.close(devnull)
+
+
+def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"preftune {__version__}")
+        return 0
     command, rest = args[0], args[1:]
     debug = "--debug" in rest
     rest = [a for a in rest if a != "--debug"]
@@ -39,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return data_main([*rest, "--debug"] if debug else rest)
     demo = command == "demo"
+    if demo and any(a in ("-h", "--help") for a in rest):
+        print(DEMO_USAGE)
+        return 0
+    typed, user_args = command, rest
     if demo:
         from .demo import demo_args
 
@@ -61,11 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(e, debug)
 
+    from .tracking import quiet_third_party
+
+    quiet_third_party()
     from .checkpoint import CheckpointError
     from .data import DataError
     from .models import ModelError
-    from .train import TrainingError, train
+    from .train import TrainingError, resolve, train
 
+    cfg = resolve(cfg)  # output_dir fixed here, so an interrupt can name it
     try:
         out = train(cfg)
     except (ConfigError, DataError, ModelError, CheckpointError) as e:
@@ -73,13 +114,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as e:  # the run itself failed, not its input: status 1
         return _fail(e, debug, status=1)
     except KeyboardInterrupt:
-        print("preftune: interrupted", file=sys.stderr)
+        from .tracking import end_progress_bars
+
+        end_progress_bars()
+        print(interrupted_message(typed, user_args, cfg.output_dir), file=sys.stderr)
         return 130
     if demo:
         from .demo import print_summary, summarize
 
         print_summary(summarize(out))
     return 0
+
+
+def interrupted_message(command: str, args: list[str], output_dir: str) -> str:
+    """What an interrupted run says: the checkpoint it can continue from, and the command
+    that does (the same arguments, with this run's output_dir and resume=true)."""
+    import shlex
+    from pathlib import Path
+
+    from .checkpoint import latest_checkpoint
+
+    out = Path(output_dir)
+    found = latest_checkpoint(out) if out.is_dir() else None
+    if found is None:
+        return "preftune: interrupted before the first checkpoint; nothing to resume from yet"
+    kept = [a for a in args if not a.startswith(("resume=", "output_dir="))]
+    again = shlex.join(["preftune", command, *kept, f"output_dir={output_dir}", "resume=true"])
+    return (f"preftune: interrupted; the latest checkpoint is {found}. Continue with:\n"
+            f"  {again}")
 
 
 def _fail(error: Exception, debug: bool, status: int = 2) -> int:

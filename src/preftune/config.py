@@ -36,10 +36,48 @@ _CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 0.5)": lamb
 REPORT_TO: tuple[str, ...] = ("tensorboard", "wandb")
 # The help of a field that is a registered loss option: the registry (preftune.losses) has it.
 LOSS_OPTION = "(see preftune.losses.OPTIONS)"
+DEFAULT_MICRO_BATCH = 8  # micro_batch_size when unset (at most batch_size)
 
 
 class ConfigError(ValueError):
     """One line, user-facing."""
+
+
+# Keys the Python API may also set to objects: a loaded PreTrainedModel (model, reference), a
+# tokenizer, and rows (dataset, eval_dataset: a list of dicts or a datasets.Dataset).
+IN_MEMORY = ("model", "reference", "tokenizer", "dataset", "eval_dataset")
+
+
+def in_memory(value: Any) -> bool:
+    """Whether a config value is an object given through the Python API, not a name."""
+    return value is not None and not isinstance(value, str | bool | int | float | dict)
+
+
+def _rows(value: Any) -> bool:
+    return isinstance(value, list | tuple) or hasattr(value, "column_names")  # datasets.Dataset
+
+
+_IN_MEMORY_KINDS = {"model": ("a loaded model", lambda v: hasattr(v, "parameters")),
+                    "reference": ("a loaded model", lambda v: hasattr(v, "parameters")),
+                    "tokenizer": ("a tokenizer", lambda v: hasattr(v, "apply_chat_template")),
+                    "dataset": ("a list of dicts or a datasets.Dataset", _rows),
+                    "eval_dataset": ("a list of dicts or a datasets.Dataset", _rows)}
+
+
+def _check_in_memory(name: str, value: Any) -> None:
+    kind, fits = _IN_MEMORY_KINDS[name]
+    if not fits(value):
+        raise ConfigError(f"{name}: expected a string or {kind}, got {type(value).__name__}")
+
+
+def describe(value: Any) -> Any:
+    """A config value as config.yaml and the run's log show it: objects as a short text
+    (``<list of 200 rows>``, ``<LlamaForCausalLM object>``), anything else as it is."""
+    if not in_memory(value):
+        return value
+    if _rows(value):
+        return f"<{type(value).__name__} of {len(value)} rows>"
+    return f"<{type(value).__name__} object>"
 
 
 # Characters that would end or redraw a terminal line: C0/C1 controls, U+2028, U+2029.
@@ -86,17 +124,27 @@ class TrainConfig:
         "data", "auto", "prompt truncation; auto = keep_end for hh and chat messages, keep_start "
         "otherwise")
     strict_data: bool = _f("data", False, "stop at the first bad row, not skip and report")
+    prompt_field: str | None = _f("data", None, "the field holding the prompt, when not named "
+                                  "prompt (read as if it were)")
+    chosen_field: str | None = _f("data", None, "the field holding the preferred response "
+                                  "(SFT: the target), when not named chosen")
+    rejected_field: str | None = _f("data", None, "the field holding the dispreferred "
+                                    "response, when not named rejected")
+    messages_field: str | None = _f("data", None, "the field holding the prompt's message "
+                                    "list, when not named conversations (ShareGPT)")
     lr: float = _f("opt", 5e-7, "peak learning rate (the reference uses it for SFT too)", "> 0")
     optimizer: Literal["rmsprop", "adamw"] = _f("opt", "rmsprop", "reference: RMSprop "
                                                 "(about as good as Adam, less memory)")
     weight_decay: float = _f("opt", 0.0, "decoupled weight decay", ">= 0")
-    warmup_steps: int = _f("opt", 150, "linear warmup steps", ">= 0")
+    warmup_steps: int | None = _f("opt", None, "linear warmup steps; null = the paper's 150, "
+                                  "at most a tenth of the run's steps", ">= 0")
     scheduler: Literal["constant", "linear", "cosine"] = _f(
         "opt", "constant", "schedule after warmup (reference: constant)")
     batch_size: int = _f("opt", 64, "pairs (SFT: examples) per optimizer step, as the paper",
                          "> 0")
-    micro_batch_size: int = _f("opt", 8, "per forward pass; the reference does not accumulate, "
-                               "8 bounds memory on one device, same result", "> 0")
+    micro_batch_size: int | None = _f("opt", None, "per forward pass; null = min(8, "
+                                      "batch_size): the reference does not accumulate, 8 "
+                                      "bounds memory on one device, same result", "> 0")
     epochs: int = _f("opt", 1, "passes over the training data", "> 0")
     max_steps: int | None = _f("opt", None, "stop after N optimizer steps; null = all epochs",
                                "> 0")
@@ -111,8 +159,8 @@ class TrainConfig:
                         "fewer keeps small runs fast)", ">= 0")
     max_new_tokens: int = _f("eval", 128, "max tokens per sample", "> 0")
     log_every: int = _f("eval", 1, "log metrics every N steps", "> 0")
-    save_every: int | None = _f("eval", None, "checkpoint every N steps, 0 = never; "
-                                "null = eval_every", ">= 0")
+    save_every: int | None = _f("eval", None, "checkpoint every N steps and at the end, 0 = "
+                                "only at the end; null = eval_every", ">= 0")
     keep_checkpoints: int = _f("eval", 2, "keep the last N checkpoints", "> 0")
     resume: str | None = _f("run", None, "true (or latest) = continue from the latest "
                             "checkpoint in output_dir (fresh start if none), or a checkpoint "
@@ -145,8 +193,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f, hints[f.name], getattr(self, f.name)))
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):  # the Python API may pass paths
+                value = os.fspath(value)
+            if f.name in IN_MEMORY and in_memory(value):
+                _check_in_memory(f.name, value)  # a loaded model, tokenizer or rows (Python
+                continue  # API): used as given
+            setattr(self, f.name, _coerce(f, hints[f.name], value))
         self.resume = _resume_choice(self.resume)
+        if self.micro_batch_size is None:  # unset: follows a batch_size below the default 8
+            self.micro_batch_size = min(DEFAULT_MICRO_BATCH, self.batch_size)
         self._check()
 
     def _check(self) -> None:
@@ -160,6 +216,12 @@ class TrainConfig:
             if sink not in REPORT_TO:
                 raise ConfigError(f"report_to: unknown sink {sink!r}; expected a comma-"
                                   f"separated list of {', '.join(REPORT_TO)}, or none")
+
+    def field_map(self) -> dict[str, str]:
+        """{name a format reads: name in the data} for the fields the data names otherwise."""
+        given = {"prompt": self.prompt_field, "chosen": self.chosen_field,
+                 "rejected": self.rejected_field, "conversations": self.messages_field}
+        return {name: field for name, field in given.items() if field is not None}
 
     def report_sinks(self) -> list[str]:
         """report_to as a list of names ([] for none)."""
@@ -511,16 +573,17 @@ def parse_config(cls: type[C], args: Sequence[str]) -> C:
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """Plain {key: value} in help order; what `dump_config` writes."""
-    return {f.name: getattr(cfg, f.name) for f in _fields(type(cfg))}
+    return {f.name: describe(getattr(cfg, f.name)) for f in _fields(type(cfg))}
 
 
 def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    """Write the fully resolved config as YAML that `load_config` reads back unchanged."""
+    """Write the fully resolved config as YAML that `load_config` reads back unchanged, less
+    ``resume``: how a run was started is not part of it, and the file loads as a fresh run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"# preftune {type(cfg).__name__}, fully resolved\n"
-    path.write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
-                    encoding="utf-8")
+    values = {k: v for k, v in config_to_dict(cfg).items() if k != "resume"}
+    path.write_text(header + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
 
 def config_help(cls: type[TrainConfig]) -> str:

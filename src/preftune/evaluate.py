@@ -20,13 +20,16 @@ def evaluate(
     objective: Objective,
     batches: Iterable[dict[str, Tensor]],
     progress: bool = False,
+    total: int | None = None,
 ) -> Counter:
     """Summed loss and metrics of ``objective`` over ``batches`` (no gradients); ``finalize``
-    turns them into means once summed over every process."""
+    turns them into means once summed over every process. ``total``: the number of batches,
+    for the progress bar (drawn only on a terminal)."""
     was_training = policy.training
     policy.eval()
     totals: Counter = Counter()
-    bar = tqdm(desc="eval", unit="batch", leave=False, disable=not progress, file=sys.stderr)
+    bar = tqdm(desc="eval", unit="batch", total=total, leave=False,
+               disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
     for batch in batches:
         _, stats = objective(policy, reference, batch, 1.0)
         totals.update(stats)

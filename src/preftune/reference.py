@@ -191,7 +191,7 @@ def compute_reference_logps(
     out = torch.zeros(2, len(examples), dtype=torch.float64)
     done = 0
     bar = tqdm(total=len(mine), desc="reference log-probs", unit="pair", leave=False,
-               disable=not world.main, file=sys.stderr)
+               disable=not (world.main and sys.stderr.isatty()), file=sys.stderr)
     for batch in batches([examples[i] for i in mine]):
         pair = logps(model, batch)
         rows = mine[done : done + len(pair.chosen)]

@@ -33,23 +33,37 @@ class RunDirLock:
     Made by :func:`claim_output_dir`. With ``hold=False`` (ranks other than 0) it does nothing.
     """
 
-    def __init__(self, path: Path, fd: int | None) -> None:
+    def __init__(self, path: Path, fd: int | None, created: Path | None = None) -> None:
         self.path = path
         self._fd = fd
+        self._created = created  # the topmost folder the claim made, if it made any
 
     def release(self, *, failed: bool = False) -> None:
         """Unlock. After a failure that left nothing but the marker, remove the marker too, so
-        a run that wrote nothing leaves the folder as empty as it found it."""
+        a run that wrote nothing leaves the folder as empty as it found it, and the folders
+        the claim made, so that it leaves none behind."""
         if self._fd is None:
             return
         try:
             if failed and _entries(self.path) == [MARKER]:
                 (self.path / MARKER).unlink(missing_ok=True)  # still locked: nobody joins it
+                self._remove_created()
         except OSError:
             pass
         finally:
             os.close(self._fd)  # drops the flock
             self._fd = None
+
+    def _remove_created(self) -> None:
+        """Remove the empty folders from ``path`` up to the topmost one the claim made."""
+        if self._created is None:
+            return
+        folder = self.path
+        while True:
+            folder.rmdir()  # only ever an empty folder
+            if folder == self._created or folder.parent == folder:
+                return
+            folder = folder.parent
 
     def __enter__(self) -> RunDirLock:
         return self
@@ -69,15 +83,26 @@ def claim_output_dir(path: Path, *, resuming: bool, hold: bool = True) -> RunDir
     """
     if not hold:
         return RunDirLock(path, None)
+    created = _first_missing(path)
     for _ in range(3):  # the marker can vanish between open and lock (a failed run's cleanup)
         _check_ownership(path, resuming=resuming)
         fd = _open_marker(path)
         _lock(fd, path)
         if _same_file(fd, path / MARKER):
             _write_holder(fd)
-            return RunDirLock(path, fd)
+            return RunDirLock(path, fd, created)
         os.close(fd)
     raise ConfigError(f"output_dir: {path}: could not lock {MARKER}; try again")
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost folder of ``path`` that does not exist yet (None: it exists)."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
 
 
 def _check_ownership(path: Path, *, resuming: bool) -> None:

@@ -28,6 +28,8 @@ import os
 import secrets
 import string
 import sys
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -55,12 +57,28 @@ class JsonlWriter:
         self._file.close()
 
 
+def on_terminal() -> bool:
+    """Whether stderr is a terminal: only then are progress bars redrawn in place."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+PLAIN_LINES = 20  # lines a run prints over its steps when stderr is not a terminal
+
+
 class Progress:
-    """A progress bar over optimizer steps showing loss, reward accuracy, margin and speed."""
+    """Progress over optimizer steps showing loss, reward accuracy, margin and speed: a bar
+    on a terminal; elsewhere (a log file, a pipe) a plain line every ``total / PLAIN_LINES``
+    steps and at the last, so the log holds no carriage-return redraws."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0) -> None:
+        self.plain = enabled and not on_terminal()
+        self.total, self.desc, self.start, self.first = total, desc, time.monotonic(), initial
+        self.step = initial  # the optimizer step (a disabled tqdm bar does not count)
+        self.paced: tuple[int, float] | None = None  # (step, time) the pace is measured from
+        self.every = max(1, total // PLAIN_LINES)
         self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True,
-                        disable=not enabled, file=sys.stderr, initial=initial)
+                        disable=not enabled or self.plain, file=sys.stderr, initial=initial)
 
     def update(self, record: dict[str, Any]) -> None:
         shown = {"loss": f"{record['loss']:.4f}"}
@@ -70,12 +88,54 @@ class Progress:
         shown["ex/s"] = f"{record['examples_per_second']:.2f}"
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
+        self.step += 1
+        step = self.step
+        now = time.monotonic()
+        if self.paced is None:  # the pace counts from the end of this run's first step
+            self.paced = (step, now)
+        if self.plain and (step % self.every == 0 or step == self.total):
+            line = (f"{self.desc} step {step}/{self.total}: "
+                    + " ".join(f"{k} {v}" for k, v in shown.items())
+                    + f", {duration(now - self.start)} elapsed")
+            if step > self.paced[0]:
+                pace = (now - self.paced[1]) / (step - self.paced[0])
+                line += f", {duration(pace * (self.total - step))} left"
+            print(line, file=sys.stderr)
 
     def write(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """``'42s'``, ``'3m05s'``, ``'2h07m'``: a span of time for a progress line."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def quiet_third_party() -> None:
+    """Keep a run's output to preftune's own lines: no FutureWarnings from other packages,
+    no download or weight-loading bars and no retry chatter from transformers or the hub
+    client (their errors still surface as preftune's one-line errors)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!preftune)")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    with contextlib.suppress(ImportError):
+        import huggingface_hub.utils as hub_utils
+
+        hub_utils.disable_progress_bars()
+        hub_utils.logging.set_verbosity_error()
+    with contextlib.suppress(ImportError):
+        import transformers.utils.logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def metric_values(record: dict[str, Any]) -> dict[str, float]:

@@ -9,6 +9,7 @@ reference the objective compares with in ``reference``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import json
@@ -17,6 +18,7 @@ import random
 import shutil
 import sys
 import time
+import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,7 +50,15 @@ from .config import (
     read_yaml,
     show,
 )
-from .data import collate_pairs, collate_sft, load_pairs, pad_id_for, tokenize_pair, tokenize_sft
+from .data import (
+    SkipReport,
+    collate_pairs,
+    collate_sft,
+    load_pairs,
+    pad_id_for,
+    tokenize_pair,
+    tokenize_sft,
+)
 from .data.tokenize import chat_template_check
 from .distributed import (
     World,
@@ -69,6 +79,7 @@ from .memory import memory_releaser
 from .models import (
     cache_dir,
     compile_blocks,
+    disable_dropout,
     enable_activation_checkpointing,
     load_model,
     load_tokenizer,
@@ -88,7 +99,7 @@ from .reference import (
 from .report import write_report
 from .rundir import claim_output_dir
 from .step import DPOObjective, SFTObjective, finalize
-from .tracking import RunLog, read_jsonl
+from .tracking import RunLog, duration, read_jsonl
 
 Example = dict[str, list[int]]
 
@@ -102,6 +113,7 @@ class Data:
     eval: list[Example]
     sample_prompts: list[Example]  # tokenized held-out pairs whose prompts are sampled from
     dropped: int  # training pairs left out of the last, incomplete batch of an epoch
+    reports: dict[str, SkipReport] = field(default_factory=dict)  # file name -> skipped rows
 
 
 Objective = DPOObjective | SFTObjective
@@ -140,6 +152,7 @@ class TrainState:
     progress: bool = False
     counters: Counters = field(default_factory=Counters)
     release: Callable[[], object] = field(default=lambda: None)
+    saved_step: int | None = None  # the step of the newest checkpoint this run saved or resumed
 
 
 def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad: int,
@@ -152,7 +165,11 @@ def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad
     collate = collate_for(objective, pad)
 
     def batches(examples):
-        return micro_batches(examples, cfg.micro_batch_size, collate, world.device)
+        found = micro_batches(examples, cfg.micro_batch_size, collate, world.device)
+        if not world.main:
+            return found
+        count = -(-len(examples) // cfg.micro_batch_size)  # this process's share of the pairs
+        return timed_first(found, count, f"reference pass over {len(examples)} pairs")
 
     cache = cache_dir() / "reference-logps"
     was_training = model.training  # the policy itself may serve as the reference here
@@ -183,6 +200,9 @@ def _stage(cfg: TrainConfig) -> str:
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill every 'same as' / 'auto' default with its value, for config.yaml and the run."""
     stage = _stage(cfg)
+    if cfg.tokenizer is None and not isinstance(cfg.model, str):
+        raise ConfigError("tokenizer: required with a loaded model (pass its tokenizer object "
+                          "or folder)")
     updates: dict = {"tokenizer": cfg.tokenizer or cfg.model}
     if cfg.output_dir is None:
         updates["output_dir"] = f"runs/{stage}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -208,8 +228,8 @@ def preflight(cfg: TrainConfig, out: Path) -> None:
     if cfg.resume not in (None, False):
         remove_interrupted_writes(out)
         remove_interrupted_exports(out / "final")
-    folder = Path(cfg.model)
-    if not folder.is_dir():
+    folder = Path(cfg.model) if isinstance(cfg.model, str) else None
+    if folder is None or not folder.is_dir():
         return  # a hub id or alias: size unknown until downloaded or converted
     need = disk_needed(folder, out, keep=cfg.keep_checkpoints,
                        optimizer_states=1 if cfg.optimizer == "rmsprop" else 2,
@@ -267,17 +287,13 @@ def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1
     ``out`` receives the skipped-rows reports (None on ranks other than 0). Under N processes
     the eval set is cut to a multiple of N, so every rank runs the same number of forwards.
     """
-    quiet = out is None
     check = chat_template_check(tokenizer)  # a row the chat template rejects is a skipped row
-    pairs, report = load_pairs(cfg.dataset, cfg.dataset_format, strict=cfg.strict_data,
-                               quiet=quiet, check=check)
-    if out is not None:
-        report.write(out / "data_report.json")
+    read = partial(load_pairs, format=cfg.dataset_format, strict=cfg.strict_data, quiet=True,
+                   check=check, fields=cfg.field_map())
+    pairs, report = read(cfg.dataset)
+    reports = {"data_report.json": report}
     if cfg.eval_dataset is not None:
-        eval_pairs, eval_report = load_pairs(cfg.eval_dataset, cfg.dataset_format,
-                                             strict=cfg.strict_data, quiet=quiet, check=check)
-        if out is not None:
-            eval_report.write(out / "eval_data_report.json")
+        eval_pairs, reports["eval_data_report.json"] = read(cfg.eval_dataset)
         eval_pairs = eval_pairs[: cfg.eval_examples]
         train_pairs = pairs
     else:
@@ -306,7 +322,18 @@ def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1
     samples = (eval_examples[: cfg.n_samples] if tokenize is tokenize_pair
                else [encode(p, tokenize_pair) for p in eval_pairs[: cfg.n_samples]])
     train = [encode(p) for p in train_pairs]
-    return Data(train, eval_examples, samples, dropped=len(train) % cfg.batch_size)
+    if out is not None:  # one short line per file; the rows are in the report files
+        for name, skipped in reports.items():
+            if skipped.skipped:
+                print(skipped.short(f"{out / name}, preftune data inspect"), file=sys.stderr)
+    return Data(train, eval_examples, samples, dropped=len(train) % cfg.batch_size,
+                reports=reports)
+
+
+def write_data_reports(data: Data, out: Path) -> None:
+    """The skipped-rows reports, once the run is about to start (a failed start leaves none)."""
+    for name, report in data.reports.items():
+        report.write(out / name)
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -321,6 +348,34 @@ def micro_batches(examples: list[Example], size: int, collate, device):
     for i in range(0, len(examples), size):
         batch = collate(examples[i : i + size])
         yield {k: v.to(device) for k, v in batch.items()}
+
+
+def timed_first(batches: Iterator[dict], count: int, what: str) -> Iterator[dict]:
+    """``batches`` as they are; once the first has been used, print how long ``what`` (all
+    ``count`` of them) will take at that pace."""
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        if i == 1:
+            first = time.perf_counter() - start
+            print(f"{what}: about {duration(first * count)} ({count} micro-batches; the first "
+                  f"took {duration(first)})", file=sys.stderr)
+        yield batch
+
+
+def plan(cfg: TrainConfig, data: Data, total_steps: int) -> str:
+    """What a run is about to do, in one line: data, steps, tokens, warmup."""
+    unit = "pairs" if _stage(cfg) == "dpo" else "examples"
+
+    def tokens(example: Example) -> int:  # each sequence the forward runs, prompt included
+        return sum(len(v) for k, v in example.items()
+                   if k.endswith("input_ids") and k != "prompt_input_ids")
+
+    per_example = sum(map(tokens, data.train)) / max(len(data.train), 1)
+    total = round(per_example * cfg.batch_size * total_steps)
+    warmup = warmup_for(cfg, total_steps)
+    return (f"plan: {len(data.train)} training {unit}, {len(data.eval)} held out; {total_steps} "
+            f"steps of {cfg.batch_size} (micro-batches of {cfg.micro_batch_size}), warmup "
+            f"{warmup} step{'s' * (warmup != 1)}; about {total:,} tokens")
 
 
 def fast_paths(cfg: DPOConfig, pad_id: int) -> FastPaths | None:
@@ -338,6 +393,18 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+PAPER_WARMUP = 150  # the DPO reference implementation's warmup steps
+WARMUP_FRACTION = 0.1  # of a run's steps: the most an unset warmup_steps takes
+
+
+def warmup_for(cfg: TrainConfig, total_steps: int) -> int:
+    """``warmup_steps`` as set, else the paper's 150 capped at a tenth of the run's steps, so
+    that a short try is not all warmup (runs of 1,500 steps or more keep 150)."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return min(PAPER_WARMUP, int(total_steps * WARMUP_FRACTION))
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -364,8 +431,13 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def load_policy(cfg: TrainConfig, device: torch.device, tokenizer) -> torch.nn.Module:
-    """The trainable policy (dropout off, activation checkpointing as configured)."""
-    policy = load_model(cfg.model, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    """The trainable policy (dropout off, activation checkpointing as configured); a loaded
+    model (Python API) is trained in place."""
+    if isinstance(cfg.model, str):
+        policy = load_model(cfg.model, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    else:
+        policy = cfg.model.to(_dtype(cfg))
+        disable_dropout(policy)
     vocab = policy.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise ConfigError(f"tokenizer: {len(tokenizer)} tokens, more than the model's "
@@ -377,8 +449,14 @@ def load_policy(cfg: TrainConfig, device: torch.device, tokenizer) -> torch.nn.M
 
 
 def load_frozen(cfg: DPOConfig, device: torch.device, policy: torch.nn.Module) -> torch.nn.Module:
-    """A separate frozen reference model, checked against the policy's vocabulary."""
-    model = load_model(cfg.reference, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    """A separate frozen reference model, checked against the policy's vocabulary (a copy of a
+    loaded one: the policy may be that very object)."""
+    if isinstance(cfg.reference, str):
+        model = load_model(cfg.reference, dtype=_dtype(cfg),
+                           trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = copy.deepcopy(cfg.reference).to(_dtype(cfg))
+        disable_dropout(model)
     model.to(device).eval().requires_grad_(False)
     p_vocab = policy.get_output_embeddings().weight.shape[0]
     r_vocab = model.get_output_embeddings().weight.shape[0]
@@ -400,8 +478,8 @@ def build_models(cfg: TrainConfig, world: World, tokenizer, data: Data, objectiv
     same = needs and cfg.reference == cfg.model
     frozen = load_frozen(cfg, world.device, policy) if needs and not same else None
     reference: Reference = NoReference()
-    precompute = cfg.precompute_reference and not syncs_reference(cfg)
-    if precompute != cfg.precompute_reference and world.main:
+    precompute = needs and cfg.precompute_reference and not syncs_reference(cfg)
+    if needs and precompute != cfg.precompute_reference and world.main:
         print(f"preftune: note: sync_reference={cfg.sync_reference} updates the reference "
               "during training: it is a live copy, precompute_reference is off",
               file=sys.stderr)
@@ -495,8 +573,9 @@ def make_state(cfg: TrainConfig, world: World, policy: torch.nn.Module, referenc
     """The state ``train_step`` needs around built models: optimizer, schedule, collate
     function (``rest``: the other ``TrainState`` fields, for a full run)."""
     optimizer = build_optimizer(cfg, policy)
+    warmup = warmup_for(cfg, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.scheduler))
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, cfg.scheduler))
     return TrainState(cfg, world, policy, reference, objective, optimizer, scheduler,
                       collate_for(objective, pad_id), total_steps,
                       release=memory_releaser(cfg.release_memory, world.device), **rest)
@@ -511,28 +590,56 @@ def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
         preflight(cfg, out)
     barrier(world)
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = (load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+                 if isinstance(cfg.tokenizer, str) else cfg.tokenizer)
     pad_id = pad_id_for(tokenizer)
     data = load_data(cfg, tokenizer, out if world.main else None, world.size)
-    sampler = make_sampler(cfg, tokenizer, data, pad_id, world)
-    policy, reference, objective = build_models(cfg, world, tokenizer, data,
-                                                build_objective(cfg, pad_id), sampler)
     total_steps = cfg.max_steps or len(data.train) // cfg.batch_size * cfg.epochs
+    if world.main:
+        print(plan(cfg, data, total_steps), file=sys.stderr)
+    sampler = make_sampler(cfg, tokenizer, data, pad_id, world)
+    stored = (stored_reference_samples(out, tokenizer, data)
+              if resume_from is not None and sampler is not None else None)
+    policy, reference, objective = build_models(
+        cfg, world, tokenizer, data, build_objective(cfg, pad_id),
+        sampler if stored is None else lambda model, synced=None: stored)
+    if stored is not None and hasattr(reference, "_samples"):  # a live reference: sampled once
+        reference._samples = stored
     state = make_state(cfg, world, policy, reference, objective, pad_id, total_steps,
                        data=data, out=out, tokenizer=tokenizer, sampler=sampler,
                        progress=progress)
     if resume_from is not None:
         restore(state, resume_from)
+        state.saved_step = state.counters.step
     if world.main:
         if cfg.resume is not None:
             truncate_logs(out, state.counters.step)
         if resume_from is not None:  # finish a prune the crash interrupted
             prune_checkpoints(out, cfg.keep_checkpoints)
-        dump_config(cfg, out / "config.yaml")
+            shown = resume_from.relative_to(out) if resume_from.is_relative_to(out) else resume_from
+            print(f"resumed from {shown} (step {state.counters.step} of {total_steps})",
+                  file=sys.stderr)
+        dump_config(cfg, out / "config.yaml")  # without resume: it loads as a fresh run
+        write_data_reports(data, out)
     state.log = RunLog(out, total_steps, _stage(cfg), state.counters.step, progress,
                        enabled=world.main, report_to=cfg.report_sinks(),
                        config=config_to_dict(cfg))
     return state
+
+
+def stored_reference_samples(out: Path, tokenizer, data: Data) -> list[str] | None:
+    """The reference's completions of the sample prompts as the run being resumed logged them
+    (samples.jsonl), so that a resumed run does not generate them again; None if they are not
+    there for exactly these prompts."""
+    rows = [r for r in read_jsonl(out / "samples.jsonl") if isinstance(r.get("reference"), str)]
+    if not rows:
+        return None
+    rows = [r for r in rows if r["step"] == rows[0]["step"]]
+    prompts = tokenizer.batch_decode([ex["prompt_input_ids"] for ex in data.sample_prompts],
+                                     skip_special_tokens=False)
+    if [r.get("prompt") for r in rows] != prompts:
+        return None
+    return [r["reference"] for r in rows]
 
 
 def restore(state: TrainState, checkpoint: Path) -> None:
@@ -609,8 +716,16 @@ def fit(state: TrainState) -> None:
     """Train to ``total_steps``: each step, then what is due after it."""
     if state.counters.step == 0:
         run_eval(state)  # the baseline: a DPO loss of ln 2 when policy and reference are equal
+    first = True
     while state.counters.step < state.total_steps:
-        record = train_step(state, next_examples(state))
+        examples = next_examples(state)
+        record = train_step(state, examples)
+        if first:  # the pace, measured on this run's first step
+            first, seconds = False, len(examples) / record["examples_per_second"]
+            left = state.total_steps - state.counters.step
+            state.log.note(f"step {state.counters.step} took {duration(seconds)}: about "
+                           f"{duration(seconds * left)} for the {left} steps left (evals and "
+                           "sampling extra)")
         log_step(state, record)
         cfg = state.cfg
         if due(state, cfg.eval_every):
@@ -644,8 +759,10 @@ def log_step(state: TrainState, record: dict[str, Any]) -> None:
 
 def run_eval(state: TrainState) -> None:
     """The objective's metrics on the held-out pairs, summed over every process."""
+    mine = len(share(state.data.eval, state.world))
     batches = micro_batches_of(state, state.data.eval)
-    stats = evaluate(state.policy, state.reference, state.objective, batches, state.progress)
+    stats = evaluate(state.policy, state.reference, state.objective, batches, state.progress,
+                     total=-(-mine // state.cfg.micro_batch_size))
     stats = sum_across(stats, state.world)
     state.log.eval({"split": "eval", "step": state.counters.step,
                     "examples": state.counters.examples, **finalize(stats)})
@@ -675,11 +792,14 @@ def save(state: TrainState) -> None:
         "counters": dataclasses.asdict(state.counters),
         "scheduler": state.scheduler.state_dict(), "objective": state.objective.state_dict(),
         "rng": rng_state(), **extra}, state.cfg.keep_checkpoints, state.world)
+    state.saved_step = state.counters.step
 
 
 def finish(state: TrainState) -> Path:
     """The last eval and samples, then the export to ``final/``, the report and a summary."""
     cfg, world, out = state.cfg, state.world, state.out
+    if state.counters.nonfinite_run == 0 and state.saved_step != state.counters.step:
+        save(state)  # the final state, so that a larger max_steps can continue from it
     run_eval(state)
     if cfg.n_samples:
         run_samples(state)
@@ -708,13 +828,38 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     world = init_world(cfg.device)
     try:
         cfg = resolve(cfg)  # the lock on output_dir is held by rank 0 until the run ends
-        with claim_output_dir(Path(cfg.output_dir), resuming=cfg.resume is not None,
-                              hold=world.main):
-            state = setup(cfg, world, progress=progress and world.main)
-            fit(state)
+        out = Path(cfg.output_dir)
+        with claim_output_dir(out, resuming=cfg.resume is not None, hold=world.main):
+            state = None
+            try:
+                state = setup(cfg, world, progress=progress and world.main)
+                fit(state)
+            except BaseException:
+                if world.main and cfg.resume is None and (state is None
+                                                          or state.counters.step == 0):
+                    discard_start(out, state)
+                raise
             return finish(state)
     finally:
         close_world(world)
+
+
+# What a run writes before its first step; a fresh run that fails by then removes them.
+START_FILES = ("config.yaml", "data_report.json", "eval_data_report.json", "metrics.jsonl",
+               "samples.jsonl")
+
+
+def discard_start(out: Path, state: TrainState | None) -> None:
+    """Remove what a fresh run wrote before it failed (or was stopped) ahead of its first
+    step, so that the folder holds no run that never began (``claim_output_dir`` then removes
+    the folder it made)."""
+    try:
+        if state is not None and state.log is not None:
+            state.log.close()
+        for name in START_FILES:
+            (out / name).unlink(missing_ok=True)
+    except Exception:  # the failure being raised matters more than this cleanup
+        pass
 
 
 def print_summary(final: Path, evals: list[dict], data: Data) -> None:
@@ -731,3 +876,15 @@ def print_summary(final: Path, evals: list[dict], data: Data) -> None:
             if len(evals) > 1:
                 line += f" -> last {last[key]:.4f}"
             print(line)
+
+
+class _CallableModule(types.ModuleType):
+    """``preftune.train`` is this module once anything imports it, and the Python API's
+    ``train`` function otherwise: calling the module runs :func:`train`, so
+    ``from preftune import train; train(config)`` works either way."""
+
+    def __call__(self, cfg: TrainConfig, *, progress: bool = True) -> Path:
+        return train(cfg, progress=progress)
+
+
+sys.modules[__name__].__class__ = _CallableModule

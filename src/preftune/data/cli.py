@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print only the statistics, as one JSON object")
     inspect.add_argument("--strict", action="store_true",
                          help="stop at the first bad row instead of skipping and counting it")
+    _field_options(inspect)
     inspect.set_defaults(run=run_inspect)
 
     convert = sub.add_parser(
@@ -191,8 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="overwrite an existing OUTPUT")
     convert.add_argument("--strict", action="store_true",
                          help="stop at the first bad row instead of skipping and counting it")
+    _field_options(convert)
     convert.set_defaults(run=run_convert)
     return parser
+
+
+# --NAME-field options: the training keys NAME_field=, for fields named otherwise.
+FIELD_OPTIONS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
+                 "messages": "conversations"}
+
+
+def _field_options(parser: argparse.ArgumentParser) -> None:
+    for option, name in FIELD_OPTIONS.items():
+        parser.add_argument(f"--{option}-field", metavar="FIELD",
+                            help=f"read FIELD as '{name}' (as {option}_field= in training)")
+
+
+def _field_map(args: argparse.Namespace) -> dict[str, str]:
+    return {name: getattr(args, f"{option}_field") for option, name in FIELD_OPTIONS.items()
+            if getattr(args, f"{option}_field", None) is not None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,7 +261,8 @@ def _open_pairs(
     args: argparse.Namespace, report: SkipReport, quiet: bool
 ) -> Iterator[PreferencePair]:
     """read_pairs; a missing file or bad format is reported here, before any tokenizer loads."""
-    return read_pairs(args.dataset, args.format, strict=args.strict, report=report, quiet=quiet)
+    return read_pairs(args.dataset, args.format, strict=args.strict, report=report, quiet=quiet,
+                      fields=_field_map(args))
 
 
 # ---------------------------------------------------------------------------------------------

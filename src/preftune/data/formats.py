@@ -141,6 +141,13 @@ class SkipReport:
             parts.append(f"{reason} {n} ({', '.join(shown)}{more})")
         return f"skipped {self.skipped} of {self.total_read} rows: " + "; ".join(parts)
 
+    def short(self, where: str) -> str:
+        """One line of counts per reason, the locations left to ``where``, e.g. ``skipped 3
+        of 2354 rows: identical responses 2, empty response 1 (rows: data_report.json)``."""
+        counts = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return (f"skipped {self.skipped} of {self.total_read} rows: "
+                + ", ".join(f"{reason} {n}" for reason, n in counts) + f" (rows: {where})")
+
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
         return {
@@ -172,7 +179,11 @@ _Skip = RowSkip
 # Record sources: each yields (location, record) with 1-based locations.
 
 
-def _open_source(source: str | os.PathLike) -> tuple[str, Iterator[tuple[str, Any]]]:
+def _open_source(
+    source: str | os.PathLike | Iterable[Any],
+) -> tuple[str, Iterator[tuple[str, Any]]]:
+    if not isinstance(source, str | bytes | os.PathLike):  # rows given in memory (Python API)
+        return "dataset", ((f"dataset[{i}]", row) for i, row in enumerate(source))
     name = os.fsdecode(os.fspath(source))
     path = Path(name)
     if path.is_dir():
@@ -421,10 +432,29 @@ def _undetected(location: str, record: Mapping[str, Any]) -> DataError:
     fields = [f"{_clip(str(k), 60)} ({_type_name(v)})" for k, v in list(record.items())[:20]]
     found = ", ".join(fields + ["..."] * (len(record) > 20)) or "none"
     known = "; ".join(f"{k}: {v}" for k, v in _FORMAT_FIELDS.items())
+    texts = [str(k) for k, v in record.items() if isinstance(v, str)][:3]
+    example = (" (here perhaps " + " ".join(f"{key}={_clip(name, 40)}" for key, name in
+                                           zip(("prompt_field", "chosen_field", "rejected_field"),
+                                               texts, strict=True)) + ")"
+               if len(texts) == 3 else "")
     return DataError(
         f"{location}: cannot detect the data format; fields found: {found}; known formats: "
-        f"{known}; choose one with dataset_format= (format= in read_pairs)"
+        f"{known}; name your fields with prompt_field=, chosen_field=, rejected_field= (a "
+        f"message list: messages_field=){example}; choose one with dataset_format= (format= "
+        "in read_pairs)"
     )
+
+
+def rename_fields(record: Mapping[str, Any], fields: Mapping[str, str]) -> Mapping[str, Any]:
+    """``record`` with its fields renamed to the names a format reads: ``fields`` maps
+    ``{"prompt": "question", ...}``. A mapped field the record lacks is left missing (the row
+    is then skipped, or the format not detected); same-named fields it shadows are dropped."""
+    sources = set(fields.values())
+    out = {k: v for k, v in record.items() if k not in sources and k not in fields}
+    for name, source in fields.items():
+        if source in record:
+            out[name] = record[source]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,6 +680,7 @@ def read_pairs(
     min_score_ratio: float = 2.0,
     quiet: bool = False,
     check: Callable[[PreferencePair], None] | None = None,
+    fields: Mapping[str, str] | None = None,
 ) -> Iterator[PreferencePair]:
     """Stream preference pairs from ``source``.
 
@@ -660,7 +691,10 @@ def read_pairs(
     :class:`DataError` with ``strict=True``); ``min_score_ratio`` filters SHP pairs. Once
     iteration ends, a summary of skipped rows goes to stderr unless ``quiet``. ``check``, if
     given, sees each pair read and may reject it as a bad row by raising :class:`RowSkip`
-    (e.g. :func:`preftune.data.tokenize.chat_template_check`).
+    (e.g. :func:`preftune.data.tokenize.chat_template_check`). ``fields`` reads other field
+    names as a format's own (:func:`rename_fields`: ``{"prompt": "question", "chosen": "good",
+    "rejected": "bad"}``). ``source`` may also be rows in memory: a list of dicts or a
+    ``datasets.Dataset`` (locations ``dataset[i]``, from 0).
 
     Problems with the file itself (missing, unreadable, empty, bad JSON or UTF-8, or every row
     skipped: "no usable pairs in FILE: <summary>") raise :class:`DataError`; a missing path or
@@ -678,6 +712,7 @@ def read_pairs(
         min_score_ratio=min_score_ratio,
         quiet=quiet,
         check=check,
+        fields=fields,
     )
 
 
@@ -691,11 +726,14 @@ def _iter_pairs(
     min_score_ratio: float,
     quiet: bool,
     check: Callable[[PreferencePair], None] | None = None,
+    fields: Mapping[str, str] | None = None,
 ) -> Iterator[PreferencePair]:
     skipped_before, kept_before = report.skipped, report.kept
     seen = 0
     for location, record in records:
         seen += 1
+        if fields and isinstance(record, Mapping):
+            record = rename_fields(record, fields)
         if fmt is None and not isinstance(record, _Skip):
             if not isinstance(record, Mapping):
                 raise DataError(
@@ -738,6 +776,7 @@ def load_pairs(
     min_score_ratio: float = 2.0,
     quiet: bool = False,
     check: Callable[[PreferencePair], None] | None = None,
+    fields: Mapping[str, str] | None = None,
 ) -> tuple[list[PreferencePair], SkipReport]:
     """All pairs of ``source`` and the report of skipped rows (see :func:`read_pairs`)."""
     report = SkipReport()
@@ -750,6 +789,7 @@ def load_pairs(
             min_score_ratio=min_score_ratio,
             quiet=quiet,
             check=check,
+            fields=fields,
         )
     )
     return pairs, report
