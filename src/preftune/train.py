@@ -262,6 +262,15 @@ def truncate_logs(out: Path, step: int) -> None:
         atomic_write(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
 
 
+def held_out(pairs: list, n: int) -> tuple[list, list]:
+    """(the ``n`` held-out pairs, the rest), both in file order: a permutation seeded by
+    ``HOLDOUT_SEED`` picks them, so ``preftune eval`` finds a run's held-out prompts again."""
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    held = set(order[:n].tolist())
+    return ([p for i, p in enumerate(pairs) if i in held],
+            [p for i, p in enumerate(pairs) if i not in held])
+
+
 def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1) -> Data:
     """Read pairs, hold out the eval slice, tokenize with the configured truncation.
 
@@ -282,10 +291,7 @@ def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1
         eval_pairs = eval_pairs[: cfg.eval_examples]
         train_pairs = pairs
     else:
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
-        held = set(order[: cfg.eval_examples].tolist())
-        eval_pairs = [p for i, p in enumerate(pairs) if i in held]
-        train_pairs = [p for i, p in enumerate(pairs) if i not in held]
+        eval_pairs, train_pairs = held_out(pairs, cfg.eval_examples)
     if cfg.max_examples is not None:
         train_pairs = train_pairs[: cfg.max_examples]
     if len(train_pairs) < cfg.batch_size:
