@@ -40,7 +40,7 @@ def test_rank_pairs():
 def _pairs(tmp_path, tiny_model_dir, prompts_file, name, *extra):
     out = tmp_path / name
     rc = main(["pairs", f"model={tiny_model_dir}", f"dataset={prompts_file}", f"output={out}",
-               "n=4", "max_new_tokens=6", f"scorer={SCORER}", "batch_size=5", *extra])
+               "n=4", "max_new_tokens=4", f"scorer={SCORER}", "batch_size=5", *extra])
     assert rc == 0
     return out
 
@@ -122,3 +122,28 @@ def test_command_errors_are_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"preftune: error: {message}") and err.count("\n") == 1
+
+
+def test_eval_scorer_during_training(tmp_path, tiny_model_dir):
+    """eval_scorer logs generate/* at each eval (KL exactly 0 at step 0, where the policy is
+    its reference), plots them, and leaves the training trajectory as it was."""
+    from .conftest import records
+
+    settings = {"max_steps": 2, "eval_every": 1, "eval_examples": 4, "n_samples": 2,
+                "max_new_tokens": 4, "lr": 1e-3}
+    judged = train(DPOConfig(**run_settings(tmp_path, tiny_model_dir, "judged",
+                                            eval_scorer=SCORER, **settings)), progress=False)
+    plain = train(DPOConfig(**run_settings(tmp_path, tiny_model_dir, "plain", **settings)),
+                  progress=False)
+    evals = records(judged, "eval")
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    first = evals[0]
+    assert first["generate/kl"] == 0.0 and first["generate/kl_stderr"] == 0.0
+    assert first["generate/win_rate"] == pytest.approx((1 - first["generate/tie_rate"]) / 2)
+    assert first["generate/score"] == first["generate/reference_score"]
+    assert evals[-1]["generate/kl"] != 0.0
+    assert all("generate/kl" not in r for r in records(plain, "eval"))
+    assert [r["loss"] for r in records(judged, "train")] == \
+        [r["loss"] for r in records(plain, "train")]
+    assert {"win_rate.png", "scores.png", "kl.png"} <= {p.name for p in
+                                                        (judged / "report").iterdir()}

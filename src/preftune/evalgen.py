@@ -355,3 +355,51 @@ def main(command: str, argv: list[str], debug: bool) -> int:
                 else run_pairs_command(cfg))  # type: ignore[arg-type]
     except (ConfigError, DataError, ModelError, CheckpointError) as e:
         return _fail(e, debug)
+
+
+# ---------------------------------------------------------------------------- during training
+
+JUDGE_SAMPLES = 4  # completions per prompt at each eval of a run with eval_scorer
+
+
+def training_judge(cfg, tokenizer, prompts: list[list[int]], device):
+    """The generation eval at a run's eval steps (``eval_scorer``): ``JUDGE_SAMPLES``
+    completions of each held-out sample prompt from the policy, against the reference's
+    (sampled and scored once), as ``generate/*`` metrics. The reference is a separate frozen
+    copy of ``reference`` (the policy's starting point for SFT), held for the whole run. The
+    sampling runs on a forked RNG: training's random state is left as it was."""
+    import torch
+
+    from .scorers import load_scorer
+    from .winrate import kl_estimate, mean_interval, win_rate
+
+    if not prompts:
+        raise ConfigError("eval_scorer: needs held-out prompts to sample (n_samples > 0)")
+    scorer = load_scorer(cfg.eval_scorer, device=str(device))
+    settings = Settings(n=JUDGE_SAMPLES, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                        trust_remote_code=cfg.trust_remote_code)
+    reference = load_policy_model(getattr(cfg, "reference", None) or cfg.model, settings,
+                                  device).requires_grad_(False)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        theirs = sample_prompts(reference, tokenizer, prompts, settings, device)
+    their_scores = [scorer(texts) for texts in theirs.texts]
+
+    def judge(policy) -> dict[str, float]:
+        with torch.random.fork_rng(devices=forked):
+            ours = sample_prompts(policy, tokenizer, prompts, settings, device,
+                                  {"policy": policy, "reference": reference})
+        scores = [scorer(texts) for texts in ours.texts]
+        flat = [v for row in scores for v in row]
+        kl = kl_estimate([v for row in ours.logps["policy"] for v in row],
+                         [v for row in ours.logps["reference"] for v in row])
+        w = win_rate(scores, their_scores)
+        return {"generate/win_rate": w["win_rate"], "generate/tie_rate": w["tie_rate"],
+                "generate/score": mean_interval(flat)["mean"],
+                "generate/reference_score": mean_interval(
+                    [v for row in their_scores for v in row])["mean"],
+                "generate/kl": kl["mean"], "generate/kl_stderr": kl["stderr"] or 0.0,
+                "generate/length": mean_interval(
+                    [v for row in ours.lengths for v in row])["mean"]}
+
+    return judge

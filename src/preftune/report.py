@@ -87,6 +87,13 @@ PLOTS = (
              (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")), hline=0.0),
     PlotSpec("logps", "Policy log-probabilities", "log-prob",
              (("logps/chosen", "chosen"), ("logps/rejected", "rejected"))),
+    # eval_scorer: sampled completions judged at each eval (preftune.evalgen.training_judge)
+    PlotSpec("win_rate", "Win rate of policy samples over reference samples", "win rate",
+             (("generate/win_rate", "win rate"),), hline=0.5, ylim=(-0.02, 1.02)),
+    PlotSpec("scores", "Mean score of sampled completions", "score",
+             (("generate/score", "policy"), ("generate/reference_score", "reference"))),
+    PlotSpec("kl", "KL(policy ‖ reference) of sampled completions", "nats",
+             (("generate/kl", "KL"),), hline=0.0),
 )
 _SINGLE_COLORS = ("tab:blue", "tab:orange")  # train, eval of a one-metric plot
 _PAIR_COLORS = ("tab:green", "tab:red")  # chosen, rejected

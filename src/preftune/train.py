@@ -141,6 +141,7 @@ class TrainState:
     progress: bool = False
     counters: Counters = field(default_factory=Counters)
     release: Callable[[], object] = field(default=lambda: None)
+    judge: Callable[[torch.nn.Module], dict] | None = None  # eval_scorer's metrics of a policy
 
 
 def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad: int,
@@ -226,7 +227,7 @@ def preflight(cfg: TrainConfig, out: Path) -> None:
 # Keys that may change when resuming: they do not alter the steps already taken.
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "eval_every", "sample_every", "save_every",
                      "keep_checkpoints", "log_every", "n_samples", "max_new_tokens", "device",
-                     "max_nonfinite_steps", "report_to", "release_memory",
+                     "max_nonfinite_steps", "report_to", "release_memory", "eval_scorer",
                      "output_dir"}  # a moved or copied run folder resumes where it now is
 
 
@@ -502,6 +503,14 @@ def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
     state = make_state(cfg, world, policy, reference, objective, pad_id, total_steps,
                        data=data, out=out, tokenizer=tokenizer, sampler=sampler,
                        progress=progress)
+    if cfg.eval_scorer is not None:  # sampled completions judged at each eval (evalgen)
+        if world.distributed:
+            raise ConfigError("eval_scorer: not supported under torchrun; run preftune eval "
+                              "on the run folder instead")
+        from .evalgen import training_judge
+
+        state.judge = training_judge(cfg, tokenizer, [ex["prompt_input_ids"] for ex in
+                                                      data.sample_prompts], world.device)
     if resume_from is not None:
         restore(state, resume_from)
     if world.main:
@@ -625,8 +634,9 @@ def run_eval(state: TrainState) -> None:
     batches = micro_batches_of(state, state.data.eval)
     stats = evaluate(state.policy, state.reference, state.objective, batches, state.progress)
     stats = sum_across(stats, state.world)
+    judged = state.judge(state.policy) if state.judge is not None else {}
     state.log.eval({"split": "eval", "step": state.counters.step,
-                    "examples": state.counters.examples, **finalize(stats)})
+                    "examples": state.counters.examples, **finalize(stats), **judged})
 
 
 def run_samples(state: TrainState) -> None:
