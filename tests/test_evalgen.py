@@ -147,3 +147,31 @@ def test_eval_scorer_during_training(tmp_path, tiny_model_dir):
         [r["loss"] for r in records(plain, "train")]
     assert {"win_rate.png", "scores.png", "kl.png"} <= {p.name for p in
                                                         (judged / "report").iterdir()}
+
+
+def test_prompts_read_and_tokenized_as_training_does(tmp_path, gpt2_tokenizer):
+    from transformers import AutoTokenizer
+
+    from preftune.data import DataError
+    from preftune.data.formats import PreferencePair
+    from preftune.data.tokenize import tokenize_pair
+    from preftune.evalgen import prompt_ids, read_prompts
+
+    from .conftest import ASSETS
+
+    qwen = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "qwen2.5")
+    chat = [{"role": "user", "content": "What do you think of autumn?"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": chat}) + "\n" + json.dumps({"prompt": "plain"}) + "\n")
+    assert read_prompts(str(path), None, qwen) == [chat, "plain"]
+    pair = PreferencePair(chat, [{"role": "assistant", "content": "Lovely."}],
+                          [{"role": "assistant", "content": "Dull."}], "x", "conversational")
+    want = tokenize_pair(pair, qwen, max_length=256, max_prompt_length=128)["prompt_input_ids"]
+    assert prompt_ids(chat, qwen, 128, "auto") == want
+    text = " ".join(f"word{i}" for i in range(40))
+    full = gpt2_tokenizer(text)["input_ids"]
+    assert prompt_ids(text, gpt2_tokenizer, 10, "keep_start") == full[:10]
+    assert prompt_ids(text, gpt2_tokenizer, 10, "keep_end") == full[-10:]
+    path.write_text(json.dumps({"prompt": chat}) + "\n" + json.dumps({"prompt": 3}) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:2: prompt: expected text or a list of "):
+        read_prompts(str(path), None, qwen)
