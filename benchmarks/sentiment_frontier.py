@@ -70,8 +70,8 @@ def main() -> None:
         run(["dpo", f"model={a.model}", f"dataset={pairs}", *loss, f"output_dir={folder}",
              "optimizer=adamw", "lr=1e-5", "warmup_steps=3", "batch_size=8",
              "micro_batch_size=8", f"max_steps={a.steps}", "max_length=128",
-             "max_prompt_length=64", "eval_examples=16", "eval_every=0", "save_every=0",
-             "n_samples=0", "gradient_checkpointing=false"])
+             "max_prompt_length=64", f"eval_examples={max(1, min(32, n_pairs // 8))}",
+             "eval_every=0", "save_every=0", "n_samples=0", "gradient_checkpointing=false"])
         run(["eval", str(folder), f"dataset={eval_prompts}", "prompts=null", *sampling])
         r = json.loads((folder / "eval.json").read_text())
         results.append({"run": name, "kl": r["kl"], "score": r["score"]["policy"],
