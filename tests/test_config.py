@@ -35,6 +35,7 @@ SHARED_DEFAULTS = {
     "resume": None, "max_nonfinite_steps": 3, "report_to": "none", "lora": False, "lora_r": 8,
     "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_target_modules": "all-linear",
     "lora_export": "merged",
+    "eval_scorer": None,
 }
 DPO_ONLY = {"reference": None, "loss": "dpo", "beta": 0.1, "label_smoothing": 0.0,
             "reference_free": False, "logps": "sum", "precompute_reference": True,

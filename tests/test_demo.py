@@ -3,7 +3,8 @@ import json
 import pytest
 
 from preftune import demo
-from preftune.demo import RULE, generate, rule_score
+from preftune.demo import JUDGE, generate
+from preftune.scorers import load_scorer
 
 
 def read(path):
@@ -61,10 +62,13 @@ def test_prompts_used_once_before_repeating(files):
     assert len(set(train)) == len(train)  # 1000 < 1,476 distinct train prompts
 
 
-def test_chosen_always_scores_higher(files):
-    for row in read(files["train"]) + read(files["eval"]):
-        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-        assert rule_score(chosen) > 0 > rule_score(rejected), (chosen, rejected)
+def test_vader_scores_chosen_higher(files):
+    vader = load_scorer("vader")
+    rows = read(files["train"]) + read(files["eval"])
+    chosen = vader([row["chosen"][0]["content"] for row in rows])
+    rejected = vader([row["rejected"][0]["content"] for row in rows])
+    assert all(c > r for c, r in zip(chosen, rejected, strict=True))
+    assert isinstance(JUDGE, str) and JUDGE.endswith(".")
 
 
 def test_sequences_are_short(files):
@@ -74,25 +78,6 @@ def test_sequences_are_short(files):
         for side in ("chosen", "rejected")
     ]
     assert max(words) <= 30  # about 40 tokens; with a chat template's extras still under 64
-
-
-def test_prompts_and_topics_are_neutral():
-    for text in demo.TOPICS + demo.REQUESTS:
-        assert rule_score(text) == 0.0, text
-
-
-def test_rule_score():
-    assert isinstance(RULE, str) and RULE.endswith(".")
-    assert rule_score("") == 0.0
-    assert rule_score("The train leaves at noon.") == 0.0
-    assert rule_score("What a wonderful day.") == 0.5
-    assert rule_score("What a terrible day.") == -0.5
-    assert rule_score("Wonderful, lovely and GREAT!") == 0.75
-    assert rule_score("It is lovely but a bit boring.") == 0.0
-    assert rule_score("It is not bad at all.") == 0.5  # negation flips
-    assert rule_score("I don't really love it.") == -0.5  # one word may sit between
-    assert rule_score("great " * 10) == pytest.approx(10 / 11)
-    assert rule_score("Great") == rule_score("great")
 
 
 def test_rejects_empty_splits(tmp_path):
@@ -118,10 +103,13 @@ def test_demo_command_end_to_end_at_reduced_size(tmp_path, monkeypatch, capsys):
                "eval_examples=4", "n_samples=2", "max_new_tokens=3", "eval_every=0"])
     assert rc == 0
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert summary["prompts"] == 2 and len(summary["examples"]) == 2
+    assert summary["prompts"] == 2 and summary["n"] == 2 and len(summary["examples"]) == 2
     assert summary["eval_first"]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert summary["win_rate"]["comparisons"] == 2 * 2 * 2 and summary["kl"]["n"] == 4
+    assert json.loads((out / "eval.json").read_text())["scorer"] == "vader"
+    assert "policy against reference" in (out / "report" / "report.html").read_text()
     text = capsys.readouterr().out
-    assert "rule score on 2 held-out prompts: policy" in text and "reference:" in text
+    assert "win rate" in text and "KL(policy || reference)" in text and "reference:" in text
     # The held-out prompts of the run are the generated eval file's, never trained on.
     train_rows = (tmp_path / "cache" / "preftune" / "demo-data" / "seed-0" / "train.jsonl")
     train_prompts = {json.loads(line)["prompt"][0]["content"]

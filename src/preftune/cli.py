@@ -11,6 +11,7 @@ USAGE = """usage: preftune {sft,dpo} [CONFIG.yaml] [key=value ...] [--debug]
        preftune demo [key=value ...]
        preftune report OUTPUT_DIR
        preftune data {inspect,convert} DATASET ... (see preftune data --help)
+       preftune eval [RUN_DIR] [key=value ...]    preftune pairs key=value ...
 
   sft   supervised fine-tuning on prompt + chosen response (makes the reference)
   dpo   preference optimisation: DPO or a related loss (loss=, listed by preftune dpo --help)
@@ -18,6 +19,8 @@ USAGE = """usage: preftune {sft,dpo} [CONFIG.yaml] [key=value ...] [--debug]
   report  plots and an HTML page from a run folder (training writes one at the end)
   data  inspect a preference dataset (pairs, skipped rows, lengths, truncation) or
         convert it to explicit prompt/chosen/rejected JSON lines
+  eval  sample policy and reference, score: win rate, mean scores, KL, lengths (eval.json)
+  pairs preference pairs from a model's own samples ranked by a scorer (JSON lines)
 
 Keys come from the YAML file and/or key=value overrides (overrides win).
 --debug shows the full traceback of an error."""
@@ -71,6 +74,10 @@ def _main(args: list[str]) -> int:
         from .data.cli import main as data_main
 
         return data_main([*rest, "--debug"] if debug else rest)
+    if command in ("eval", "pairs"):  # sampled completions, scored (preftune.evalgen, .pairs)
+        from .evalgen import main as evalgen_main
+
+        return evalgen_main(command, rest, debug)
     demo = command == "demo"
     if demo and any(a in ("-h", "--help") for a in rest):
         print(DEMO_USAGE)
@@ -81,8 +88,8 @@ def _main(args: list[str]) -> int:
 
         command, rest = "dpo", demo_args(rest)
     if command not in ("sft", "dpo"):
-        print(f"preftune: error: unknown command {command!r} (choose sft, dpo, demo, report "
-              "or data)", file=sys.stderr)
+        print(f"preftune: error: unknown command {command!r} (choose sft, dpo, demo, report, "
+              "data, eval or pairs)", file=sys.stderr)
         return 2
 
     # Imported here so that `--help` and config errors answer without loading torch.

@@ -158,6 +158,10 @@ class TrainConfig:
     n_samples: int = _f("eval", 4, "prompts sampled each time, 0 = off (reference: 16; "
                         "fewer keeps small runs fast)", ">= 0")
     max_new_tokens: int = _f("eval", 128, "max tokens per sample", "> 0")
+    eval_scorer: str | None = _f("eval", None, "at each eval also sample 4 completions of the "
+                                 "n_samples prompts from policy and reference, judged by this "
+                                 "scorer (vader, reward_model:PATH, python:MODULE:FUNCTION): "
+                                 "win rate, scores, KL (preftune eval); null = off")
     log_every: int = _f("eval", 1, "log metrics every N steps", "> 0")
     save_every: int | None = _f("eval", None, "checkpoint every N steps and at the end, 0 = "
                                 "only at the end; null = eval_every", ">= 0")

@@ -3,9 +3,11 @@ controlled-sentiment experiment).
 
 Prompts are the project's own: a topic (``autumn``, ``city buses``, ...) inside a short request
 (``Write one sentence about {topic}.``). Each pair holds two one-sentence answers built from the
-same template, one filled with positive words and one with negative words, and the rule below
-says which is better. Because the rule is a simple function of the text, a run can score the
-policy's own completions with :func:`rule_score` and compare them with the reference's.
+same template, one filled with positive words and one with negative words; VADER, a sentiment
+scorer that is no part of this project (``preftune.scorers``), scores the positive one higher
+in every pair. After training, the demo samples completions of held-out prompts from the
+policy and from the reference, scores them with VADER and reports the policy's win rate, both
+mean scores and the KL between them (``preftune eval``, ``preftune.evalgen``).
 
 Rows are TRL-style conversational messages, rendered later with the model's chat template::
 
@@ -20,60 +22,20 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 
 from .io import iter_jsonl
 
-RULE = (
-    "A response is better when it is more positive: rule_score counts the positive minus the "
-    "negative words from a fixed lexicon, as (pos - neg) / (pos + neg + 1)."
+JUDGE = (
+    "VADER's compound sentiment score (Hutto & Gilbert 2014, the vaderSentiment package; -1 to "
+    "1): the chosen answer of every pair scores higher than the rejected one."
 )
 
-POSITIVE_WORDS = frozenset((
-    "adore", "adorable", "amazing", "appreciate", "awesome", "beautiful", "best", "brilliant",
-    "calm", "charming", "cheerful", "cherish", "comfort", "comforting", "cozy", "delight",
-    "delighted", "delightful", "elegant", "enjoy", "enjoyable", "excellent", "exciting",
-    "fabulous", "fantastic", "favorite", "fun", "glad", "gorgeous", "grateful", "great",
-    "happiness", "happy", "hope", "hopeful", "inspiring", "joy", "joyful", "love", "lovely",
-    "magical", "marvelous", "nice", "peace", "peaceful", "perfect", "pleasant", "pleasure",
-    "refreshing", "relaxing", "remarkable", "satisfying", "smile", "splendid", "superb", "sweet",
-    "terrific", "thrilling", "welcoming", "wonderful",
-))  # fmt: skip
-NEGATIVE_WORDS = frozenset((
-    "angry", "annoying", "anxious", "awful", "bad", "bitter", "bland", "boring", "depressing",
-    "despise", "disappointing", "disgust", "disgusting", "dislike", "dismal", "dread", "dreadful",
-    "dull", "exhausting", "fear", "frustrating", "frustration", "gloomy", "grim", "gross", "hate",
-    "hateful", "horrible", "hostile", "irritating", "lousy", "mediocre", "miserable", "misery",
-    "nasty", "painful", "pathetic", "pointless", "sad", "sadness", "tedious", "terrible",
-    "tiresome", "tired", "ugly", "unbearable", "unpleasant", "upset", "upsetting", "useless",
-    "worst", "worthless", "wretched",
-))  # fmt: skip
-NEGATORS = frozenset((
-    "not", "no", "never", "nothing", "hardly", "isn't", "aren't", "wasn't", "don't", "doesn't",
-    "can't",
-))  # fmt: skip
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
+def _vader():
+    from .scorers import load_scorer
 
-def rule_score(text: str) -> float:
-    """The rule's score of one completion, in (-1, 1); higher is better.
-
-    Lower-cased words are matched against :data:`POSITIVE_WORDS` and :data:`NEGATIVE_WORDS`;
-    a lexicon word right after a negator (``not``, ``never``, ``don't``, ...; one word may sit
-    between) counts with the opposite sign. With ``pos`` and ``neg`` the two counts the score is
-    ``(pos - neg) / (pos + neg + 1)``: 0 for neutral text, 0.5 for one positive word, 0.75 for
-    three, and repeating words gains less and less. Deterministic; no model involved.
-    """
-    words = _WORD.findall(text.lower())
-    pos = neg = 0
-    for i, word in enumerate(words):
-        sign = 1 if word in POSITIVE_WORDS else -1 if word in NEGATIVE_WORDS else 0
-        if sign and NEGATORS.intersection(words[max(0, i - 2) : i]):
-            sign = -sign
-        pos += sign > 0
-        neg += sign < 0
-    return (pos - neg) / (pos + neg + 1)
+    return load_scorer("vader")
 
 
 TOPICS = (
@@ -190,14 +152,15 @@ def make_pair(topic: str, template: str, rng: random.Random) -> tuple[str, str]:
 def _rows(topics: list[str], n: int, rng: random.Random) -> list[dict]:
     prompts = [request.format(t=topic) for topic in topics for request in REQUESTS]
     topic_of = {request.format(t=topic): topic for topic in topics for request in REQUESTS}
-    rows, order = [], []
+    rows, order, judge = [], [], _vader()
     for _ in range(n):
         if not order:  # every prompt once before any repeats (then new response pairs)
             order = list(prompts)
             rng.shuffle(order)
         prompt = order.pop()
         chosen, rejected = make_pair(topic_of[prompt], rng.choice(RESPONSES), rng)
-        assert rule_score(chosen) > rule_score(rejected), (chosen, rejected)
+        better, worse = judge([chosen, rejected])
+        assert better > worse, (chosen, better, rejected, worse)
         rows.append(
             {
                 "prompt": [{"role": "user", "content": prompt}],
@@ -243,44 +206,55 @@ def generate(
 RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 
 
-def summarize(run_dir: str | Path, n_examples: int = 3) -> dict:
-    """Held-out reward metrics and the rule's score of policy vs reference completions."""
+def summarize(run_dir: str | Path, n_examples: int = 3, n: int = 2) -> dict:
+    """Held-out reward metrics, and ``preftune eval`` of the run: ``n`` sampled completions
+    (up to 32 tokens) of each of its ``n_samples`` first held-out prompts from policy and
+    reference, judged by VADER (eval.json and a section of the report). Small, as sampling a
+    135M model on 2 CPU cores takes minutes; the effect it measures is large."""
+    from .config import read_yaml
+    from .evalgen import EvalConfig, evaluate_generations, resolve, write_json
+    from .report import write_report
+
     run = Path(run_dir)
     rows = [r for _, r in iter_jsonl(run / "metrics.jsonl", lenient=True)]
     evals = [r for r in rows if r["split"] == "eval"]
-    samples = [r for _, r in iter_jsonl(run / "samples.jsonl", lenient=True)]
-    last_step = max(s["step"] for s in samples)
-    final = [s for s in samples if s["step"] == last_step]
-    policy = [rule_score(s["policy"]) for s in final]
-    reference = [rule_score(s["reference"]) for s in final]
+    saved = read_yaml(run / "config.yaml")
+    cfg = resolve(EvalConfig(run=str(run), scorer="vader", n=n,
+                             prompts=max(1, saved.get("n_samples") or 1),
+                             max_new_tokens=min(32, saved["max_new_tokens"]), batch_size=32,
+                             seed=saved["seed"]))
+    result = evaluate_generations(cfg)
+    write_json(run / "eval.json", result)
+    write_report(run)
+    keys = ("loss", "rewards/accuracies", "rewards/margins")
     summary = {
-        "rule": RULE,
-        "eval_first": {k: evals[0][k] for k in ("loss", "rewards/accuracies", "rewards/margins")},
-        "eval_last": {k: evals[-1][k] for k in ("loss", "rewards/accuracies", "rewards/margins")},
-        "prompts": len(final),
-        "rule_score_policy": sum(policy) / len(policy),
-        "rule_score_reference": sum(reference) / len(reference),
-        "policy_better": sum(p > r for p, r in zip(policy, reference, strict=True)),
-        "policy_worse": sum(p < r for p, r in zip(policy, reference, strict=True)),
-        "examples": final[:n_examples],
+        "judge": JUDGE,
+        "eval_first": {k: evals[0][k] for k in keys},
+        "eval_last": {k: evals[-1][k] for k in keys},
+        **{k: result[k] for k in ("prompts", "n", "win_rate", "score", "kl", "length")},
+        "examples": [{"prompt": s["prompt"], "reference": s["reference"][0],
+                      "policy": s["policy"][0]} for s in result["samples"][:n_examples]],
     }
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
 
 def print_summary(summary: dict) -> None:
+    from .evalgen import summary_lines
+
     first, last = summary["eval_first"], summary["eval_last"]
     print(f"\nheld-out pairs: reward accuracy {first['rewards/accuracies']:.2f} -> "
           f"{last['rewards/accuracies']:.2f}, margin {first['rewards/margins']:.3f} -> "
           f"{last['rewards/margins']:.3f}")
-    print(f"rule ({summary['rule']})")
-    print(f"rule score on {summary['prompts']} held-out prompts: policy "
-          f"{summary['rule_score_policy']:+.3f} vs reference {summary['rule_score_reference']:+.3f}"
-          f" (policy better on {summary['policy_better']}, worse on {summary['policy_worse']})")
+    print(f"judge: {summary['judge']}")
+    print("sampled completions of held-out prompts, policy against reference:")
+    for line in summary_lines({**summary, "scorer": "vader"}):
+        print(f"  {line}")
     for ex in summary["examples"]:
-        print(f"\nprompt:    {ex['prompt'].strip()[-120:]!r}")
-        print(f"reference: {ex['reference'].strip()!r}  [{rule_score(ex['reference']):+.2f}]")
-        print(f"policy:    {ex['policy'].strip()!r}  [{rule_score(ex['policy']):+.2f}]")
+        prompt = ex["prompt"] if isinstance(ex["prompt"], str) else ex["prompt"][-1]["content"]
+        print(f"\nprompt:    {prompt.strip()[-120:]!r}")
+        for side in ("reference", "policy"):
+            print(f"{side + ':':<10} {ex[side]['text'].strip()!r}  [{ex[side]['score']:+.2f}]")
 
 
 def demo_args(argv: list[str], seed: int = 0) -> list[str]:

@@ -67,3 +67,64 @@ def generate(
     model.train(was_training)
     new_tokens = out[:, prompt_ids.shape[1]:]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+# Sampling for the generation eval (preftune.evalgen) and for making pairs (preftune.pairs).
+
+
+def eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's
+    generation-config EOS ids (chat models often end a turn on a token of their own)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list | tuple) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def completion_mask(new_ids: Tensor, eos: list[int]) -> Tensor:
+    """1 for each generated token up to and including the first EOS of its row, 0 after it
+    (``generate`` pads finished rows)."""
+    is_eos = torch.isin(new_ids, torch.tensor(eos, dtype=new_ids.dtype, device=new_ids.device))
+    before = is_eos.long().cumsum(1) - is_eos.long()  # EOS tokens strictly before each position
+    return (before == 0).long()
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *,
+           max_new_tokens: int, pad_token_id: int, eos: list[int], temperature: float = 1.0,
+           top_p: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Sampled completions of left-padded prompts: new token ids ``[B, T]`` and their
+    ``completion_mask``. The sampling distribution is softmax(logits / temperature) cut to its
+    top-p nucleus: the model's own settings of top-k, repetition penalty, typical-p and n-gram
+    blocking are overridden. Randomness comes from torch's global generator (seed it before)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              repetition_penalty=1.0, typical_p=1.0, no_repeat_ngram_size=0,
+                              max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                              eos_token_id=eos or None)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                         generation_config=config)
+    model.train(was_training)
+    new_ids = out[:, prompt_ids.shape[1]:]
+    return new_ids, completion_mask(new_ids, eos)
+
+
+@torch.no_grad()
+def completion_logps(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                     new_ids: Tensor, new_mask: Tensor) -> Tensor:
+    """Summed log-probability ``[B]`` of each row's completion tokens (where ``new_mask`` is 1)
+    under ``model`` given its left-padded prompt, in float32; positions as ``generate`` numbers
+    them (counting real tokens only)."""
+    was_training = model.training
+    model.eval()
+    ids = torch.cat([prompt_ids, new_ids], dim=1)
+    mask = torch.cat([prompt_mask, new_mask], dim=1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    model.train(was_training)
+    logits = logits[:, prompt_ids.shape[1] - 1 : -1].float()
+    token = torch.gather(logits.log_softmax(-1), 2, new_ids.unsqueeze(-1)).squeeze(-1)
+    return (token * new_mask).sum(1)

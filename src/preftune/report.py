@@ -87,6 +87,13 @@ PLOTS = (
              (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")), hline=0.0),
     PlotSpec("logps", "Policy log-probabilities", "log-prob",
              (("logps/chosen", "chosen"), ("logps/rejected", "rejected"))),
+    # eval_scorer: sampled completions judged at each eval (preftune.evalgen.training_judge)
+    PlotSpec("win_rate", "Win rate of policy samples over reference samples", "win rate",
+             (("generate/win_rate", "win rate"),), hline=0.5, ylim=(-0.02, 1.02)),
+    PlotSpec("scores", "Mean score of sampled completions", "score",
+             (("generate/score", "policy"), ("generate/reference_score", "reference"))),
+    PlotSpec("kl", "KL(policy ‖ reference) of sampled completions", "nats",
+             (("generate/kl", "KL"),), hline=0.0),
 )
 _SINGLE_COLORS = ("tab:blue", "tab:orange")  # train, eval of a one-metric plot
 _PAIR_COLORS = ("tab:green", "tab:red")  # chosen, rejected
@@ -553,10 +560,41 @@ def _samples(run: Run) -> list[str]:
     return out
 
 
+def _generation(run: Run) -> list[str]:
+    """The section of ``preftune eval``'s eval.json (preftune.evalgen), when there is one."""
+    path = run.path / "eval.json"
+    if not path.is_file():
+        return []
+    out = ["<h2>Sampled completions: policy against reference</h2>"]
+    try:
+        r = json.loads(_read_text(path))
+        w, s, kl, n = r["win_rate"], r["score"], r["kl"], r["length"]
+
+        def ci(d: dict) -> str:
+            spread = f" [{fmt(d['low'])}, {fmt(d['high'])}]" if d.get("low") is not None else ""
+            return _e(fmt(d["mean"]) + spread)
+
+        rows = [["mean score [95% interval]", ci(s["policy"]), ci(s["reference"])],
+                ["length (tokens)", ci(n["policy"]), ci(n["reference"])],
+                ["win rate [95% interval]", _e(f"{fmt(w['win_rate'])} [{fmt(w['win_rate_low'])}"
+                                               f", {fmt(w['win_rate_high'])}]"), ""],
+                ["ties, losses", _e(f"{fmt(w['tie_rate'])}, {fmt(w['loss_rate'])}"), ""],
+                ["KL(policy ‖ reference), nats", _e(f"{fmt(kl['mean'])} ± {fmt(kl['stderr'])}"),
+                 ""]]
+        facts = (f"{fmt(r['n'])} samples of each of {fmt(r['prompts'])} prompts, scorer "
+                 f"{r['scorer']}, temperature {r['temperature']}, top-p {r['top_p']}, seed "
+                 f"{r['seed']}" + ("" if kl.get("exact_sampling") else
+                                   "; KL not exact at this temperature/top-p"))
+    except (ReportError, ValueError, KeyError, TypeError) as e:
+        return [*out, f'<p class="note">eval.json could not be read ({_e(e)})</p>']
+    return [*out, f'<p class="sub">{_e(facts)}</p>',
+            _table("summary", ["", "policy", "reference"], rows, "knn")]
+
+
 def render_html(run: Run, plots: list[tuple[PlotSpec, bytes]]) -> str:
     """The whole page; every text from the run folder goes through html.escape."""
-    body = [*_header(run), *_summary(run), *_plots(plots), *_config(run), *_data(run),
-            *_samples(run)]
+    body = [*_header(run), *_summary(run), *_generation(run), *_plots(plots), *_config(run),
+            *_data(run), *_samples(run)]
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

@@ -153,6 +153,7 @@ class TrainState:
     counters: Counters = field(default_factory=Counters)
     release: Callable[[], object] = field(default=lambda: None)
     saved_step: int | None = None  # the step of the newest checkpoint this run saved or resumed
+    judge: Callable[[torch.nn.Module], dict] | None = None  # eval_scorer's metrics of a policy
 
 
 def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad: int,
@@ -245,7 +246,7 @@ def preflight(cfg: TrainConfig, out: Path) -> None:
 # Keys that may change when resuming: they do not alter the steps already taken.
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "eval_every", "sample_every", "save_every",
                      "keep_checkpoints", "log_every", "n_samples", "max_new_tokens", "device",
-                     "max_nonfinite_steps", "report_to", "release_memory",
+                     "max_nonfinite_steps", "report_to", "release_memory", "eval_scorer",
                      "output_dir"}  # a moved or copied run folder resumes where it now is
 
 
@@ -281,6 +282,15 @@ def truncate_logs(out: Path, step: int) -> None:
         atomic_write(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
 
 
+def held_out(pairs: list, n: int) -> tuple[list, list]:
+    """(the ``n`` held-out pairs, the rest), both in file order: a permutation seeded by
+    ``HOLDOUT_SEED`` picks them, so ``preftune eval`` finds a run's held-out prompts again."""
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    held = set(order[:n].tolist())
+    return ([p for i, p in enumerate(pairs) if i in held],
+            [p for i, p in enumerate(pairs) if i not in held])
+
+
 def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1) -> Data:
     """Read pairs, hold out the eval slice, tokenize with the configured truncation.
 
@@ -297,10 +307,7 @@ def load_data(cfg: TrainConfig, tokenizer, out: Path | None, world_size: int = 1
         eval_pairs = eval_pairs[: cfg.eval_examples]
         train_pairs = pairs
     else:
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
-        held = set(order[: cfg.eval_examples].tolist())
-        eval_pairs = [p for i, p in enumerate(pairs) if i in held]
-        train_pairs = [p for i, p in enumerate(pairs) if i not in held]
+        eval_pairs, train_pairs = held_out(pairs, cfg.eval_examples)
     if cfg.max_examples is not None:
         train_pairs = train_pairs[: cfg.max_examples]
     if len(train_pairs) < cfg.batch_size:
@@ -608,6 +615,14 @@ def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
     state = make_state(cfg, world, policy, reference, objective, pad_id, total_steps,
                        data=data, out=out, tokenizer=tokenizer, sampler=sampler,
                        progress=progress)
+    if cfg.eval_scorer is not None:  # sampled completions judged at each eval (evalgen)
+        if world.distributed:
+            raise ConfigError("eval_scorer: not supported under torchrun; run preftune eval "
+                              "on the run folder instead")
+        from .evalgen import training_judge
+
+        state.judge = training_judge(cfg, tokenizer, [ex["prompt_input_ids"] for ex in
+                                                      data.sample_prompts], world.device)
     if resume_from is not None:
         restore(state, resume_from)
         state.saved_step = state.counters.step
@@ -764,8 +779,9 @@ def run_eval(state: TrainState) -> None:
     stats = evaluate(state.policy, state.reference, state.objective, batches, state.progress,
                      total=-(-mine // state.cfg.micro_batch_size))
     stats = sum_across(stats, state.world)
+    judged = state.judge(state.policy) if state.judge is not None else {}
     state.log.eval({"split": "eval", "step": state.counters.step,
-                    "examples": state.counters.examples, **finalize(stats)})
+                    "examples": state.counters.examples, **finalize(stats), **judged})
 
 
 def run_samples(state: TrainState) -> None:

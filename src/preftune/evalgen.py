@@ -1,0 +1,405 @@
+"""``preftune eval``: did a run work? The policy's own samples against the reference's.
+
+Over the prompts of a dataset (or the held-out slice a run trained beside), ``n`` completions
+per prompt are sampled from the policy and from the reference (temperature, top-p, seeded; the
+same seed for both, so identical models give identical samples), scored by a scorer
+(``preftune.scorers``), and summarised (``preftune.winrate``): the policy's win rate over the
+reference with ties apart, each one's mean score with a 95% interval, the sequence
+KL(policy || reference) from the policy's samples, and completion lengths. The result is
+``eval.json`` (with every sample); for a run folder it also becomes a section of the report.
+
+The prompt reading and sampling here serve ``preftune pairs`` (``preftune.pairs``) too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import ConfigError, _coerce, _f, config_help, parse_config, read_yaml
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class Settings:
+    """Keys of a command that samples from a model (shared by ``eval`` and ``pairs``)."""
+
+    tokenizer: str | None = _f("model", None, "tokenizer; null = the model's")
+    dataset: str | None = _f("data", None, "prompts: a preference dataset (its prompts) or JSON "
+                             "lines with a 'prompt' field (text or messages)")
+    dataset_format: str | None = _f("data", None, "row format of a preference dataset; null = "
+                                    "detect")
+    prompts: int | None = _f("data", 64, "distinct prompts used, in file order; null = all",
+                             "> 0")
+    max_prompt_length: int | None = _f("data", None, "max prompt tokens; null = the run's, or "
+                                       "256")
+    truncation: Literal["auto", "keep_end", "keep_start"] | None = _f(
+        "data", None, "prompt truncation; null = the run's, or auto")
+    n: int = _f("eval", 4, "completions sampled per prompt", "> 0")
+    scorer: str = _f("eval", "vader", "vader, reward_model:PATH or python:MODULE:FUNCTION")
+    temperature: float = _f("eval", 1.0, "sampling temperature (KL is exact at 1)", "> 0")
+    top_p: float = _f("eval", 1.0, "nucleus sampling mass in (0, 1] (KL is exact at 1)", "> 0")
+    max_new_tokens: int = _f("eval", 64, "max tokens per completion", "> 0")
+    batch_size: int = _f("run", 16, "completions per forward", "> 0")
+    seed: int = _f("run", 0, "sampling seed", "in [0, 4294967295]")
+    device: Literal["auto", "cpu", "cuda"] = _f("run", "auto", "auto = cuda if available")
+    trust_remote_code: bool = _f("run", False, "allow model code from the hub")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, hints[f.name], getattr(self, f.name)))
+        if self.top_p > 1:
+            raise ConfigError(f"top_p: expected a float in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class EvalConfig(Settings):
+    """``preftune eval [RUN_DIR] [key=value ...]``."""
+
+    run: str | None = _f("model", None, "a run folder: its final/ against its reference, on "
+                         "its held-out prompts (keys given here win)")
+    model: str | None = _f("model", None, "policy (null = RUN/final)")
+    reference: str | None = _f("model", None, "reference (null = the run's reference)")
+    held_out: bool | None = _f("data", None, "only the slice of dataset a run holds out for "
+                               "eval (eval_examples pairs); null = true for a run's own data")
+    eval_examples: int = _f("data", 256, "size of that held-out slice (a run's: its own)", "> 0")
+    output: str | None = _f("eval", None, "eval.json path; null = RUN/eval.json or ./eval.json")
+
+
+def resolve(cfg: EvalConfig) -> EvalConfig:
+    """Fill what a run folder implies: its final/, reference, tokenizer, held-out prompts."""
+    if cfg.run is None:
+        if cfg.model is None or cfg.reference is None or cfg.dataset is None:
+            raise ConfigError("eval needs a run folder (preftune eval RUN_DIR) or model=, "
+                              "reference= and dataset=")
+        return dataclasses.replace(cfg, held_out=bool(cfg.held_out),
+                                   max_prompt_length=cfg.max_prompt_length or 256,
+                                   truncation=cfg.truncation or "auto",
+                                   output=cfg.output or "eval.json")
+    run = Path(cfg.run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"run: {run} has no config.yaml (not a preftune run folder)")
+    saved = read_yaml(run / "config.yaml")
+    if cfg.model is None and not (run / "final").is_dir():
+        raise ConfigError(f"run: {run} has no final/ (the run has not finished); give model=")
+    own_data = cfg.dataset is None
+    dataset = saved.get("eval_dataset") or saved.get("dataset") if own_data else cfg.dataset
+    return dataclasses.replace(
+        cfg, model=cfg.model or str(run / "final"),
+        reference=cfg.reference or saved.get("reference") or saved.get("model"),
+        tokenizer=cfg.tokenizer or (str(run / "final") if cfg.model is None else None),
+        dataset=dataset, dataset_format=cfg.dataset_format or saved.get("dataset_format"),
+        held_out=cfg.held_out if cfg.held_out is not None else (
+            own_data and not saved.get("eval_dataset")),
+        eval_examples=int(saved.get("eval_examples", cfg.eval_examples)),
+        max_prompt_length=cfg.max_prompt_length or int(saved.get("max_prompt_length", 256)),
+        truncation=cfg.truncation or saved.get("truncation", "auto"),
+        output=cfg.output or str(run / "eval.json"))
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def read_prompts(source: str, fmt: str | None, tokenizer, *, held_out: int | None = None,
+                 limit: int | None = None) -> list[Prompt]:
+    """Distinct prompts of ``source`` in file order (at most ``limit``): the prompts of a
+    preference dataset (only its held-out slice of ``held_out`` pairs, if given, as
+    ``train.held_out`` picks it), or of JSON lines holding a ``prompt`` field only."""
+    from .data import DataError, load_pairs
+    from .data.formats import _messages, _open_source
+    from .data.tokenize import chat_template_check
+    from .train import held_out as held_out_slice
+
+    name, records = _open_source(source)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"{name}: no records (empty file)")
+    location, record = first
+    if isinstance(record, dict) and "prompt" in record and not {"chosen", "rejected"} & set(
+            record):
+        prompts: list[Prompt] = []
+        for location, record in [first, *records]:
+            value = record.get("prompt") if isinstance(record, dict) else None
+            if isinstance(value, list):
+                try:
+                    value = _messages(record, "prompt")
+                except Exception:
+                    value = None
+            if not (isinstance(value, str) and value.strip() or isinstance(value, list) and value):
+                raise DataError(f"{location}: prompt: expected text or a list of messages")
+            prompts.append(value)
+    else:
+        pairs, _ = load_pairs(source, fmt, quiet=True, check=chat_template_check(tokenizer))
+        if held_out is not None:
+            pairs = held_out_slice(pairs, held_out)[0]
+        prompts = [p.prompt for p in pairs]
+    seen, out = set(), []
+    for prompt in prompts:
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(prompt)
+    return out[:limit]
+
+
+def prompt_ids(prompt: Prompt, tokenizer, max_prompt_length: int, truncation: str) -> list[int]:
+    """A prompt's ids as training sees them (BOS, chat template with generation prompt), cut
+    to ``max_prompt_length`` the way training cuts prompts."""
+    from .data.formats import PreferencePair
+    from .data.tokenize import _distinct_bos, _tokenize_parts, bos_head, resolve_truncation
+
+    chat = not isinstance(prompt, str)
+    dummy: Any = [{"role": "assistant", "content": "-"}] if chat else "-"
+    fmt = "conversational" if chat else "explicit"
+    ids, _ = _tokenize_parts(PreferencePair(prompt, dummy, dummy, "", fmt), tokenizer,
+                             ("chosen",))
+    if len(ids) <= max_prompt_length:
+        return ids
+    if resolve_truncation(truncation, fmt) == "keep_start":
+        return ids[:max_prompt_length]
+    head = ids[: min(bos_head(ids, _distinct_bos(tokenizer)), max_prompt_length)]
+    tail = max_prompt_length - len(head)
+    return head + (ids[len(ids) - tail :] if tail else [])
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Samples:
+    """``n`` completions per prompt: texts, token counts and summed log-probs under each of
+    the models asked for (all indexed [prompt][sample])."""
+
+    texts: list[list[str]]
+    lengths: list[list[int]]
+    logps: dict[str, list[list[float]]]
+
+
+def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, device,
+                   logp_models: dict[str, Any] | None = None) -> Samples:
+    """Sample ``cfg.n`` completions of every prompt from ``model`` (seeded by ``cfg.seed``,
+    ``cfg.batch_size`` completions per call) and score their tokens under ``logp_models``."""
+    import torch
+
+    from .data import pad_id_for
+    from .evaluate import completion_logps, eos_ids, sample
+
+    pad, eos = pad_id_for(tokenizer), eos_ids(model, tokenizer)
+    rows = [i for i in range(len(ids)) for _ in range(cfg.n)]
+    texts: list[str] = []
+    lengths: list[int] = []
+    logps: dict[str, list[float]] = {name: [] for name in logp_models or {}}
+    torch.manual_seed(cfg.seed)
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = [ids[i] for i in rows[start : start + cfg.batch_size]]
+        width = max(len(p) for p in batch)
+        prompt = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
+                            device=device)
+        new, new_mask = sample(model, prompt, mask, max_new_tokens=cfg.max_new_tokens,
+                               pad_token_id=pad, eos=eos, temperature=cfg.temperature,
+                               top_p=cfg.top_p)
+        for name, scorer_model in (logp_models or {}).items():
+            logps[name] += completion_logps(scorer_model, prompt, mask, new, new_mask).tolist()
+        for row, row_mask in zip(new.tolist(), new_mask.tolist(), strict=True):
+            kept = [t for t, m in zip(row, row_mask, strict=True) if m]
+            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+            lengths.append(len(kept))
+
+    def per_prompt(values: list) -> list[list]:
+        return [values[i : i + cfg.n] for i in range(0, len(values), cfg.n)]
+
+    return Samples(per_prompt(texts), per_prompt(lengths),
+                   {name: per_prompt(v) for name, v in logps.items()})
+
+
+def device_for(setting: str):
+    import torch
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(auto if setting == "auto" else setting)
+
+
+def load_policy_model(name: str, cfg: Settings, device):
+    from .models import load_model
+
+    return load_model(name, trust_remote_code=cfg.trust_remote_code).to(device).eval()
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+def evaluate_generations(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the eval of a resolved config and return what eval.json holds."""
+    from .models import load_tokenizer
+    from .scorers import load_scorer
+    from .winrate import kl_estimate, mean_interval, win_rate
+
+    device = device_for(cfg.device)
+    scorer = load_scorer(cfg.scorer, device=str(device), batch_size=cfg.batch_size)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model,
+                               trust_remote_code=cfg.trust_remote_code)
+    prompts = read_prompts(cfg.dataset, cfg.dataset_format, tokenizer, limit=cfg.prompts,
+                           held_out=cfg.eval_examples if cfg.held_out else None)
+    ids = [prompt_ids(p, tokenizer, cfg.max_prompt_length, cfg.truncation) for p in prompts]
+    policy = load_policy_model(cfg.model, cfg, device)
+    reference = load_policy_model(cfg.reference, cfg, device)
+    print(f"sampling {cfg.n} completions of {len(ids)} prompts from policy and reference ...",
+          file=sys.stderr)
+    ours = sample_prompts(policy, tokenizer, ids, cfg, device,
+                          {"policy": policy, "reference": reference})
+    theirs = sample_prompts(reference, tokenizer, ids, cfg, device)
+    scores = {name: [scorer(texts) for texts in s.texts]
+              for name, s in (("policy", ours), ("reference", theirs))}
+
+    def flat(values: list[list]) -> list:
+        return [v for row in values for v in row]
+
+    exact = cfg.temperature == 1 and cfg.top_p == 1
+    result = {
+        "policy": cfg.model, "reference": cfg.reference, "scorer": cfg.scorer,
+        "dataset": cfg.dataset, "held_out": cfg.held_out, "prompts": len(ids), "n": cfg.n,
+        "temperature": cfg.temperature, "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+        "win_rate": win_rate(scores["policy"], scores["reference"]),
+        "score": {name: mean_interval(flat(s)) for name, s in scores.items()},
+        "kl": {**kl_estimate(flat(ours.logps["policy"]), flat(ours.logps["reference"])),
+               "exact_sampling": exact},
+        "length": {name: mean_interval(flat(s.lengths))
+                   for name, s in (("policy", ours), ("reference", theirs))},
+        "samples": [{"prompt": prompt,
+                     "policy": [{"text": t, "score": v} for t, v in
+                                zip(ours.texts[i], scores["policy"][i], strict=True)],
+                     "reference": [{"text": t, "score": v} for t, v in
+                                   zip(theirs.texts[i], scores["reference"][i], strict=True)]}
+                    for i, prompt in enumerate(prompts)],
+    }
+    return result
+
+
+def write_json(path: Path, value: Any) -> None:
+    from .io import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(value, indent=1, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The headline numbers of an eval, as text lines."""
+    w, s, kl, n = result["win_rate"], result["score"], result["kl"], result["length"]
+
+    def interval(d: dict) -> str:
+        spread = f" [{d['low']:+.3f}, {d['high']:+.3f}]" if d["low"] is not None else ""
+        return f"{d['mean']:+.3f}{spread}"
+
+    note = "" if kl["exact_sampling"] else " (sampled at temperature/top-p != 1: not exact)"
+    return [f"prompts {result['prompts']} x {result['n']} samples, scorer {result['scorer']}",
+            f"win rate {w['win_rate']:.3f} (ties {w['tie_rate']:.3f}, losses {w['loss_rate']:.3f})"
+            f" over {w['comparisons']} comparisons",
+            f"mean score: policy {interval(s['policy'])} vs reference {interval(s['reference'])}",
+            f"KL(policy || reference) {kl['mean']:.3f} +- {kl['stderr'] or 0:.3f} nats{note}",
+            f"length (tokens): policy {n['policy']['mean']:.1f} vs reference "
+            f"{n['reference']['mean']:.1f}"]
+
+
+def run_eval_command(cfg: EvalConfig) -> int:
+    cfg = resolve(cfg)
+    result = evaluate_generations(cfg)
+    out = Path(cfg.output)
+    write_json(out, result)
+    print("\n".join(summary_lines(result)))
+    print(f"written: {out}")
+    if cfg.run is not None and out.resolve().parent == Path(cfg.run).resolve() \
+            and (Path(cfg.run) / "metrics.jsonl").is_file():
+        from .report import write_report
+
+        print(f"report: {write_report(cfg.run)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def main(command: str, argv: list[str], debug: bool) -> int:
+    """``preftune eval`` / ``preftune pairs``: parse, run, one-line errors."""
+    from .cli import _fail
+    from .pairs import PairsConfig, run_pairs_command
+
+    cls: type[Settings] = EvalConfig if command == "eval" else PairsConfig
+    if any(a in ("-h", "--help") for a in argv):
+        first = "[RUN_DIR] " if command == "eval" else ""
+        print(f"usage: preftune {command} {first}[key=value ...] [--debug]\n")
+        print(config_help(cls).removesuffix("\n\nloss:"))  # type: ignore[arg-type]
+        return 0
+    args = list(argv)
+    if command == "eval" and args and "=" not in args[0]:
+        args[0] = f"run={args[0]}"
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .models import ModelError
+
+    try:
+        cfg = parse_config(cls, args)  # type: ignore[type-var]
+        return (run_eval_command(cfg) if command == "eval"  # type: ignore[arg-type]
+                else run_pairs_command(cfg))  # type: ignore[arg-type]
+    except (ConfigError, DataError, ModelError, CheckpointError) as e:
+        return _fail(e, debug)
+
+
+# ---------------------------------------------------------------------------- during training
+
+JUDGE_SAMPLES = 4  # completions per prompt at each eval of a run with eval_scorer
+
+
+def training_judge(cfg, tokenizer, prompts: list[list[int]], device):
+    """The generation eval at a run's eval steps (``eval_scorer``): ``JUDGE_SAMPLES``
+    completions of each held-out sample prompt from the policy, against the reference's
+    (sampled and scored once), as ``generate/*`` metrics. The reference is a separate frozen
+    copy of ``reference`` (the policy's starting point for SFT), held for the whole run. The
+    sampling runs on a forked RNG: training's random state is left as it was."""
+    import torch
+
+    from .scorers import load_scorer
+    from .winrate import kl_estimate, mean_interval, win_rate
+
+    if not prompts:
+        raise ConfigError("eval_scorer: needs held-out prompts to sample (n_samples > 0)")
+    scorer = load_scorer(cfg.eval_scorer, device=str(device))
+    settings = Settings(n=JUDGE_SAMPLES, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                        trust_remote_code=cfg.trust_remote_code)
+    reference = load_policy_model(getattr(cfg, "reference", None) or cfg.model, settings,
+                                  device).requires_grad_(False)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        theirs = sample_prompts(reference, tokenizer, prompts, settings, device)
+    their_scores = [scorer(texts) for texts in theirs.texts]
+
+    def judge(policy) -> dict[str, float]:
+        with torch.random.fork_rng(devices=forked):
+            ours = sample_prompts(policy, tokenizer, prompts, settings, device,
+                                  {"policy": policy, "reference": reference})
+        scores = [scorer(texts) for texts in ours.texts]
+        flat = [v for row in scores for v in row]
+        kl = kl_estimate([v for row in ours.logps["policy"] for v in row],
+                         [v for row in ours.logps["reference"] for v in row])
+        w = win_rate(scores, their_scores)
+        return {"generate/win_rate": w["win_rate"], "generate/tie_rate": w["tie_rate"],
+                "generate/score": mean_interval(flat)["mean"],
+                "generate/reference_score": mean_interval(
+                    [v for row in their_scores for v in row])["mean"],
+                "generate/kl": kl["mean"], "generate/kl_stderr": kl["stderr"] or 0.0,
+                "generate/length": mean_interval(
+                    [v for row in ours.lengths for v in row])["mean"]}
+
+    return judge
