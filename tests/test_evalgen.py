@@ -154,8 +154,8 @@ def test_prompts_read_and_tokenized_as_training_does(tmp_path, gpt2_tokenizer):
 
     from preftune.data import DataError
     from preftune.data.formats import PreferencePair
-    from preftune.data.tokenize import tokenize_pair
-    from preftune.evalgen import prompt_ids, read_prompts
+    from preftune.data.tokenize import tokenize_pair, tokenize_prompt
+    from preftune.evalgen import read_prompts
 
     from .conftest import ASSETS
 
@@ -167,11 +167,11 @@ def test_prompts_read_and_tokenized_as_training_does(tmp_path, gpt2_tokenizer):
     pair = PreferencePair(chat, [{"role": "assistant", "content": "Lovely."}],
                           [{"role": "assistant", "content": "Dull."}], "x", "conversational")
     want = tokenize_pair(pair, qwen, max_length=256, max_prompt_length=128)["prompt_input_ids"]
-    assert prompt_ids(chat, qwen, 128, "auto") == want
+    assert tokenize_prompt(chat, qwen, 128, "auto") == want
     text = " ".join(f"word{i}" for i in range(40))
     full = gpt2_tokenizer(text)["input_ids"]
-    assert prompt_ids(text, gpt2_tokenizer, 10, "keep_start") == full[:10]
-    assert prompt_ids(text, gpt2_tokenizer, 10, "keep_end") == full[-10:]
+    assert tokenize_prompt(text, gpt2_tokenizer, 10, "keep_start") == full[:10]
+    assert tokenize_prompt(text, gpt2_tokenizer, 10, "keep_end") == full[-10:]
     path.write_text(json.dumps({"prompt": chat}) + "\n" + json.dumps({"prompt": 3}) + "\n")
     with pytest.raises(DataError, match=r"chat.jsonl:2: prompt: expected text or a list of "):
         read_prompts(str(path), None, qwen)

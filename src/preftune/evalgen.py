@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ConfigError, _coerce, _f, config_help, parse_config, read_yaml
-
-Prompt = str | list[dict[str, str]]
+from .data.formats import Prompt
 
 
 @dataclass
@@ -113,30 +112,13 @@ def read_prompts(source: str, fmt: str | None, tokenizer, *, held_out: int | Non
     """Distinct prompts of ``source`` in file order (at most ``limit``): the prompts of a
     preference dataset (only its held-out slice of ``held_out`` pairs, if given, as
     ``train.held_out`` picks it), or of JSON lines holding a ``prompt`` field only."""
-    from .data import DataError, load_pairs
-    from .data.formats import _messages, _open_source
+    from .data import load_pairs
+    from .data.formats import read_prompt_rows
     from .data.tokenize import chat_template_check
     from .train import held_out as held_out_slice
 
-    name, records = _open_source(source)
-    first = next(records, None)
-    if first is None:
-        raise DataError(f"{name}: no records (empty file)")
-    location, record = first
-    if isinstance(record, dict) and "prompt" in record and not {"chosen", "rejected"} & set(
-            record):
-        prompts: list[Prompt] = []
-        for location, record in [first, *records]:
-            value = record.get("prompt") if isinstance(record, dict) else None
-            if isinstance(value, list):
-                try:
-                    value = _messages(record, "prompt")
-                except Exception:
-                    value = None
-            if not (isinstance(value, str) and value.strip() or isinstance(value, list) and value):
-                raise DataError(f"{location}: prompt: expected text or a list of messages")
-            prompts.append(value)
-    else:
+    prompts = read_prompt_rows(source)
+    if prompts is None:
         pairs, _ = load_pairs(source, fmt, quiet=True, check=chat_template_check(tokenizer))
         if held_out is not None:
             pairs = held_out_slice(pairs, held_out)[0]
@@ -148,26 +130,6 @@ def read_prompts(source: str, fmt: str | None, tokenizer, *, held_out: int | Non
             seen.add(key)
             out.append(prompt)
     return out[:limit]
-
-
-def prompt_ids(prompt: Prompt, tokenizer, max_prompt_length: int, truncation: str) -> list[int]:
-    """A prompt's ids as training sees them (BOS, chat template with generation prompt), cut
-    to ``max_prompt_length`` the way training cuts prompts."""
-    from .data.formats import PreferencePair
-    from .data.tokenize import _distinct_bos, _tokenize_parts, bos_head, resolve_truncation
-
-    chat = not isinstance(prompt, str)
-    dummy: Any = [{"role": "assistant", "content": "-"}] if chat else "-"
-    fmt = "conversational" if chat else "explicit"
-    ids, _ = _tokenize_parts(PreferencePair(prompt, dummy, dummy, "", fmt), tokenizer,
-                             ("chosen",))
-    if len(ids) <= max_prompt_length:
-        return ids
-    if resolve_truncation(truncation, fmt) == "keep_start":
-        return ids[:max_prompt_length]
-    head = ids[: min(bos_head(ids, _distinct_bos(tokenizer)), max_prompt_length)]
-    tail = max_prompt_length - len(head)
-    return head + (ids[len(ids) - tail :] if tail else [])
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -251,7 +213,9 @@ def evaluate_generations(cfg: EvalConfig) -> dict[str, Any]:
                                trust_remote_code=cfg.trust_remote_code)
     prompts = read_prompts(cfg.dataset, cfg.dataset_format, tokenizer, limit=cfg.prompts,
                            held_out=cfg.eval_examples if cfg.held_out else None)
-    ids = [prompt_ids(p, tokenizer, cfg.max_prompt_length, cfg.truncation) for p in prompts]
+    from .data.tokenize import tokenize_prompt
+
+    ids = [tokenize_prompt(p, tokenizer, cfg.max_prompt_length, cfg.truncation) for p in prompts]
     policy = load_policy_model(cfg.model, cfg, device)
     reference = load_policy_model(cfg.reference, cfg, device)
     print(f"sampling {cfg.n} completions of {len(ids)} prompts from policy and reference ...",

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ConfigError, _f
-from .evalgen import Prompt, Settings
+from .data.formats import Prompt
+from .evalgen import Settings
 
 
 @dataclass(kw_only=True)  # its required keys follow defaulted ones
@@ -65,7 +66,8 @@ def pair_rows(prompts: Sequence[Prompt], texts: Sequence[Sequence[str]],
 
 
 def run_pairs_command(cfg: PairsConfig) -> int:
-    from .evalgen import device_for, load_policy_model, prompt_ids, read_prompts, sample_prompts
+    from .data.tokenize import tokenize_prompt
+    from .evalgen import device_for, load_policy_model, read_prompts, sample_prompts
     from .io import atomic_write
     from .models import load_tokenizer
     from .scorers import load_scorer
@@ -76,7 +78,7 @@ def run_pairs_command(cfg: PairsConfig) -> int:
     scorer = load_scorer(cfg.scorer, device=str(device), batch_size=cfg.batch_size)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     prompts = read_prompts(cfg.dataset, cfg.dataset_format, tokenizer, limit=cfg.prompts)
-    ids = [prompt_ids(p, tokenizer, cfg.max_prompt_length or 256, cfg.truncation or "auto")
+    ids = [tokenize_prompt(p, tokenizer, cfg.max_prompt_length or 256, cfg.truncation or "auto")
            for p in prompts]
     model = load_policy_model(cfg.model, cfg, device)
     print(f"sampling {cfg.n} completions of {len(ids)} prompts ...", file=sys.stderr)

@@ -671,6 +671,36 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any], str, float], PreferencePair]] =
 # Public entry points.
 
 
+Prompt = str | list[Message]
+
+
+def read_prompt_rows(source: str | os.PathLike | Iterable[Any]) -> list[Prompt] | None:
+    """The prompts of a prompt-only source (records with a ``prompt``, text or a message
+    list, and neither ``chosen`` nor ``rejected``: what ``preftune eval`` and ``pairs`` sample
+    from), in order; None when the first record is a preference pair. An unusable prompt is
+    a one-line DataError naming its record."""
+    name, records = _open_source(source)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"{name}: no records (empty file)")
+    record = first[1]
+    if not (isinstance(record, Mapping) and "prompt" in record
+            and not {"chosen", "rejected"} & set(record)):
+        return None
+    prompts: list[Prompt] = []
+    for location, record in [first, *records]:
+        value = record.get("prompt") if isinstance(record, Mapping) else None
+        try:
+            if isinstance(value, list):
+                value = _messages(record, "prompt")
+        except RowSkip:
+            value = None
+        if not (isinstance(value, str) and value.strip() or isinstance(value, list) and value):
+            raise DataError(f"{location}: prompt: expected text or a list of messages")
+        prompts.append(value)
+    return prompts
+
+
 def read_pairs(
     source: str | os.PathLike,
     format: str | None = None,

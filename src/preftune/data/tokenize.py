@@ -335,3 +335,22 @@ def tokenize_sft(
         pair, tokenizer, ("chosen",), max_length, max_prompt_length, truncation
     )
     return {"input_ids": prompt + chosen, "labels": [IGNORE_INDEX] * len(prompt) + chosen}
+
+
+def tokenize_prompt(prompt: str | list[Message], tokenizer: PreTrainedTokenizerBase,
+                    max_prompt_length: int, truncation: str | None = None) -> list[int]:
+    """A prompt alone (to sample from) as training tokenizes it: BOS, the chat template with
+    its generation prompt, cut to ``max_prompt_length`` the way ``tokenize_pair`` cuts
+    prompts."""
+    chat = not isinstance(prompt, str)
+    dummy: str | list[Message] = [{"role": "assistant", "content": "-"}] if chat else "-"
+    fmt = "conversational" if chat else "explicit"
+    ids, _ = _tokenize_parts(PreferencePair(prompt, dummy, dummy, "", fmt), tokenizer,
+                             ("chosen",))
+    if len(ids) <= max_prompt_length:
+        return ids
+    if resolve_truncation(truncation, fmt) == "keep_start":
+        return ids[:max_prompt_length]
+    head = ids[: min(bos_head(ids, _distinct_bos(tokenizer)), max_prompt_length)]
+    tail = max_prompt_length - len(head)
+    return head + (ids[len(ids) - tail :] if tail else [])
