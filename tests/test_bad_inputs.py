@@ -131,9 +131,11 @@ PROGRESS = re.compile(r"[\w ]+: +\d+%\|.*\|")
 
 
 def error_line(rc: int, stderr: str) -> str:
-    """The message of the one ``preftune: error:`` line stderr must hold besides progress bars."""
+    """The message of the one ``preftune: error:`` line stderr must hold besides progress bars
+    and the run's ``plan:`` line (printed before the model loads)."""
     assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip() and not PROGRESS.match(line)]
+    lines = [line for line in stderr.splitlines()
+             if line.strip() and not PROGRESS.match(line) and not line.startswith("plan: ")]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("preftune: error: "), stderr
     assert rc == 2, stderr
