@@ -89,12 +89,17 @@ def test_failing_rank_fails_the_job_with_its_error(tmp_path, tiny_model_dir):
     assert "output_dir:" in proc.stderr and "not writable" in proc.stderr
 
 
-def test_gpu_check_script_runs_at_tiny_size_on_cpu():
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "fsdp_gpu_check.py")
-    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--steps", "3"],
-                          capture_output=True, text=True, timeout=600)
+def test_gpu_check_script_runs_at_tiny_size_on_cpu(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.py")
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--tiny", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "first loss ln 2: True" in proc.stdout
+    report = json.loads(out.read_text())
+    assert [c["fallbacks"] for c in report["fast_vs_plain"]] == [[], []]
+    fsdp = report["fsdp_vs_plain"]
+    assert fsdp["fsdp_fallbacks"] == [] and fsdp["first_loss_vs_ln2"] < 1e-6
+    assert fsdp["max_abs_diff"] <= 1e-4 and report["benchmark"]["results"]["preftune"]
 
 
 def test_lora_two_processes_match_one(tmp_path, tiny_model_dir):
