@@ -40,7 +40,7 @@ SHARED_DEFAULTS = {
 DPO_ONLY = {"reference": None, "loss": "dpo", "beta": 0.1, "label_smoothing": 0.0,
             "reference_free": False, "logps": "sum", "precompute_reference": True,
             "chunked_logps": True, "chunk_size": 256, "share_prompt": True, "pack": True,
-            "segment_attention": True, "keep_activations": True,
+            "segment_attention": True, "attention_kernel": "auto", "keep_activations": True,
             "simpo_gamma": 0.5, "loss_options": {}, "rpo_alpha": 0.0, "loss_weights": None,
             "divergence": "reverse_kl", "divergence_alpha": 0.5, "ld_alpha": None, "wpo": False,
             "sync_reference": "none", "sync_alpha": 0.6, "sync_every": 512}

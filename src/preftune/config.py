@@ -284,6 +284,11 @@ class DPOConfig(TrainConfig):
     segment_attention: bool = _f("run", True, "with share_prompt/pack and sdpa attention: two "
                                  "causal attention calls per pair instead of one masked call "
                                  "per row, and one row per micro-batch (exact)")
+    attention_kernel: Literal["auto", "segment", "flex"] = _f(
+        "run", "auto", "segment attention's kernel: flex = one FlexAttention call per layer "
+        "for the whole micro-batch, with a block-sparse mask built once per micro-batch (CUDA "
+        "only: no backward on CPU); segment = the per-pair calls (the exact CPU path); auto = "
+        "flex on CUDA, segment elsewhere")
     keep_activations: bool = _f("run", True, "with chunked_logps: before a step's first "
                                 "backward, keep the output layer's logits and the last blocks' "
                                 "activations in the memory its gradients will take, instead of "
@@ -312,6 +317,18 @@ class DPOConfig(TrainConfig):
         except ValueError as e:  # a loss listed twice, or two with state
             raise ConfigError(f"loss: {e}") from None
         self._check_loss_extras(losses)
+        if self.attention_kernel == "flex":
+            self._check_flex()
+
+    def _check_flex(self) -> None:
+        if not self.segment_attention:
+            raise ConfigError("attention_kernel: flex is segment attention's kernel; it needs "
+                              "segment_attention=true")
+        import torch
+
+        if self.device == "cpu" or not torch.cuda.is_available():
+            raise ConfigError("attention_kernel: flex needs a CUDA device (FlexAttention has no "
+                              "backward on CPU); use auto or segment")
 
     def weights(self) -> tuple[float, ...] | None:
         """``loss_weights`` as numbers (None when empty); ConfigError if malformed."""

@@ -27,7 +27,8 @@ Three techniques, each usable on its own (flags of :func:`pair_logps`):
 
 With either layout on an ``sdpa`` model, ``segments`` (default) replaces the 4D mask by two
 causal attention calls per pair (:mod:`preftune.attention`), and packing then puts the whole
-micro-batch in one row: no padding, no [L, L] mask.
+micro-batch in one row: no padding, no [L, L] mask. On CUDA, ``attention_kernel`` (``auto``)
+makes that one FlexAttention call per layer with a block mask built once per micro-batch.
 
 On the fast paths a plain trainable ``nn.Embedding`` is looked up by an autograd Function
 whose backward adds the used rows into ``weight.grad`` in place (:class:`_LookupIntoGrad`): no
@@ -189,7 +190,8 @@ class FastPaths:
 
     A requested value comes from the settings; :func:`decide_fast_paths` turns it into the
     value a run uses, once, for its models. ``segments`` in a decided value means every model
-    attends per pair segment (all use ``sdpa``).
+    attends per pair segment (all use ``sdpa``); ``attention_kernel`` (requested: auto, segment
+    or flex) is then ``flex`` (one FlexAttention call per layer, models on CUDA) or ``segment``.
     """
 
     pad_token_id: int
@@ -199,6 +201,7 @@ class FastPaths:
     pack: bool = True
     token_budget: int | None = None
     segments: bool = True
+    attention_kernel: str = "auto"
     keep_activations: bool = True
     fallbacks: tuple[str, ...] = ()
 
@@ -255,7 +258,7 @@ def decide_fast_paths(
         return None
     chunked, layout = requested.chunked, requested.laid_out
     reasons: list[str] = []
-    implementations = set()
+    implementations, devices = set(), set()
     for model in {id(m): _unwrap(m) for m in models if m is not None}.values():
         found = []
         if (chunked or layout) and (r := _family_reason(model)):
@@ -269,8 +272,12 @@ def decide_fast_paths(
             layout = False
         if layout:
             implementations.add(model.config._attn_implementation)
+            devices.add(model.get_input_embeddings().weight.device)
         reasons += [r for r in found if r not in reasons]
     segments = requested.segments and layout and implementations == {"sdpa"}
+    kernel, why = (attention.choose_kernel(requested.attention_kernel, devices) if segments
+                   else ("segment", None))
+    reasons += [why] if why else []
     if segments:
         attention.install()
     if reasons:
@@ -280,7 +287,8 @@ def decide_fast_paths(
                       stacklevel=1)
     return dataclasses.replace(
         requested, chunked=chunked, share_prompt=requested.share_prompt and layout,
-        pack=requested.pack and layout, segments=segments, fallbacks=tuple(reasons))
+        pack=requested.pack and layout, segments=segments, attention_kernel=kernel,
+        fallbacks=tuple(reasons))
 
 
 # ----------------------------------------------------------------------------- chunked head
@@ -458,7 +466,9 @@ def _layout_logps(
     plan = None
     if fast.segments and layout.segments is not None:
         attention.install()  # done at the decision; cached, for values built by hand
-        plan = attention.Plan(layout.segments)
+        mask = (attention.block_mask(layout.segment_ids, layout.branch_ids)
+                if fast.attention_kernel == "flex" else None)  # once for every layer
+        plan = attention.Plan(layout.segments, mask)
         # The 2D padding mask keeps transformers from building a 4D mask of its own (it would
         # go unused): all ones (one packed row) builds none.
         inputs.update({"attention_mask": layout.padding_mask, attention.PLAN_KEY: plan})
@@ -544,6 +554,7 @@ def pair_logps(
     pack: bool = True,
     token_budget: int | None = None,
     segments: bool = True,
+    attention_kernel: str = "auto",
     keep_activations: bool = True,
     ld_alpha: float | None = None,
 ) -> PairLogps:
@@ -557,6 +568,8 @@ def pair_logps(
     token. ``segments``: with ``share_prompt`` or ``pack`` on an ``sdpa`` model, attend per
     pair segment (:mod:`preftune.attention`) instead of through a 4D mask; packing then puts
     the whole micro-batch in one row (no padding) unless ``token_budget`` is given.
+    ``attention_kernel``: auto (flex on CUDA, else segment), segment or flex (one
+    FlexAttention call per layer; CUDA only, elsewhere it falls back to segment).
     ``keep_activations`` (with ``chunked``): while the trainable parameters have no gradients
     yet (a step's first micro-batch), keep the output layer's chunk logits and then the last
     checkpointed blocks' activations for backward instead of recomputing them, up to the
@@ -565,7 +578,8 @@ def pair_logps(
     """
     requested = FastPaths(pad_token_id=pad_token_id, chunked=chunked, chunk_size=chunk_size,
                           share_prompt=share_prompt, pack=pack, token_budget=token_budget,
-                          segments=segments, keep_activations=keep_activations)
+                          segments=segments, attention_kernel=attention_kernel,
+                          keep_activations=keep_activations)
     lists = pair_lists(examples) if requested.enabled else []
     longest = max((len(e[f"{s}_input_ids"]) for e in lists for s in ("chosen", "rejected")),
                   default=0)

@@ -392,7 +392,8 @@ def fast_paths(cfg: DPOConfig, pad_id: int) -> FastPaths | None:
         return None
     return FastPaths(pad_token_id=pad_id, chunked=cfg.chunked_logps, chunk_size=cfg.chunk_size,
                      share_prompt=cfg.share_prompt, pack=cfg.pack,
-                     segments=cfg.segment_attention, keep_activations=cfg.keep_activations)
+                     segments=cfg.segment_attention, attention_kernel=cfg.attention_kernel,
+                     keep_activations=cfg.keep_activations)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
