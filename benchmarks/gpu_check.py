@@ -100,15 +100,18 @@ def fast_vs_plain(model_dir: str, device: str, dtype: str, n: int, max_length: i
 
 
 def kernel_backward(device: str) -> dict | None:
-    """(a) The GPU attention kernel's backward against the segment path (CUDA only)."""
-    try:
-        from preftune.attention import flex_backward_check
-    except ImportError:
-        return None
+    """(a) The FlexAttention pair kernel against the segment path, forward and backward, in
+    float32 (``flex_check.py``; CUDA only: FlexAttention has no backward on a CPU)."""
     if device != "cuda":
         return None
-    result = flex_backward_check(device)
-    print(f"(a) attention kernel backward: {result}", flush=True)
+    import torch
+    from flex_check import flex_backward_check
+
+    result = {"float32": flex_backward_check(device),
+              "bfloat16": flex_backward_check(device, dtype=torch.bfloat16)}
+    f32 = result["float32"]
+    result["ok"] = bool(f32["flex_calls"]) and max(f32["logps"], f32["loss"], f32["grad"]) <= 1e-4
+    print(f"(a) attention kernel, flex against segment: {result}", flush=True)
     return result
 
 
