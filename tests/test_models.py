@@ -3,7 +3,6 @@ import json
 import time
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 from transformers import (
@@ -247,15 +246,20 @@ def test_hub_id_is_passed_through():
 
 
 @pytest.mark.parametrize("loader", [load_model, load_tokenizer])
-def test_hub_id_offline(loader, monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "unreachable"])
+def test_hub_id_offline_is_one_line_at_once(loader, how, monkeypatch):
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # nothing listens on the discard port: the probe fails without the client's retries
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        assert not models.hub_reachable()
     with pytest.raises(ModelError) as info:
         loader("preftune-tests/no-such-model")
-    message = str(info.value)
-    assert "\n" not in message
-    assert message.startswith("preftune-tests/no-such-model: not a local folder and could not be")
-    assert "Hugging Face Hub" in message
-    assert message.endswith("preftune needs a local model folder or network access")
+    assert str(info.value) == (
+        "preftune-tests/no-such-model: not a local folder nor in the Hugging Face cache, and "
+        "the Hub cannot be reached (offline); pass a local model folder, or the built-in alias "
+        "smollm2-135m-instruct")
 
 
 def test_alias_without_package(monkeypatch):

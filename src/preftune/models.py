@@ -23,10 +23,12 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import transformers
@@ -291,11 +293,34 @@ def _has_weights(folder: Path) -> bool:
     return any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub's host takes a connection (False under HF_HUB_OFFLINE):
+    checked before a Hub id is loaded, so an offline machine gets one line at once instead of
+    the hub client's retries (about a minute)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "", url.port or 443), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _from_pretrained(auto_class, name: str, path: str, **kwargs):
     """``auto_class.from_pretrained(path)`` with failures turned into one-line ModelErrors."""
+    local = Path(path).expanduser().is_dir()
+    offline = not local and not hub_reachable()
+    if offline:  # a Hub id: only what the local Hub cache holds
+        kwargs["local_files_only"] = True
     try:
         return auto_class.from_pretrained(path, **kwargs)
     except _LOAD_ERRORS as err:
+        if offline and not isinstance(err, ModelError):
+            raise ModelError(
+                f"{name}: not a local folder nor in the Hugging Face cache, and the Hub cannot "
+                "be reached (offline); pass a local model folder, or the built-in alias "
+                "smollm2-135m-instruct") from err
         if isinstance(err, ModelError):
             raise
         reason = _first_line(err)
@@ -303,7 +328,7 @@ def _from_pretrained(auto_class, name: str, path: str, **kwargs):
             reason = f"a *.safetensors weights file is corrupt or incomplete ({reason})"
         elif isinstance(err, pickle.UnpicklingError):  # torch's own text is about weights_only
             reason = "a *.bin weights file is corrupt or not a plain PyTorch state dict"
-        if Path(path).expanduser().is_dir():
+        if local:
             raise ModelError(f"{name}: could not be loaded: {reason}") from err
         raise ModelError(
             f"{name}: not a local folder and could not be loaded from the Hugging Face Hub "
