@@ -312,7 +312,9 @@ def main(command: str, argv: list[str], debug: bool) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .models import ModelError
+    from .tracking import quiet_third_party
 
+    quiet_third_party()  # no loading bars or FutureWarnings, as for sft/dpo
     try:
         cfg = parse_config(cls, args)  # type: ignore[type-var]
         return (run_eval_command(cfg) if command == "eval"  # type: ignore[arg-type]
