@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,23 @@ PLAN_KEY = "preftune_plan"
 Segment = tuple[int, int, int, int]
 
 
+class _Count:
+    n = 0
+
+
 @dataclass(eq=False)
 class Plan:
     """The segments of each row of a layout, and how many attention calls have used them
     (zero after a forward means the model did not route its attention through here)."""
 
     rows: tuple[tuple[Segment, ...], ...]
-    calls: int = 0
+    # Not an int: FSDP2's mixed-precision input cast rebuilds a dataclass argument for each
+    # block it enters; its copies share this object, so their calls count here.
+    count: _Count = field(default_factory=_Count)
+
+    @property
+    def calls(self) -> int:
+        return self.count.n
 
 
 def segment_attention(
@@ -107,7 +117,7 @@ def _with_plan(sdpa, module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     if plan is None:
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                     **kwargs)
-    plan.calls += 1
+    plan.count.n += 1
     groups = query.shape[1] // key.shape[1]
     # Grouped-query attention: PyTorch's CPU flash kernel takes the key/value heads as they
     # are (no repeated copies, a third of the saved keys/values for SmolLM2); elsewhere they
