@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,6 +55,10 @@ KERNELS = ("auto", "segment", "flex")
 Segment = tuple[int, int, int, int]
 
 
+class _Count:
+    n = 0
+
+
 @dataclass(eq=False)
 class Plan:
     """The segments of each row of a layout, and how many attention calls have used them
@@ -63,7 +67,13 @@ class Plan:
 
     rows: tuple[tuple[Segment, ...], ...]
     block_mask: BlockMask | None = None
-    calls: int = 0
+    # Not an int: FSDP2's mixed-precision input cast rebuilds a dataclass argument for each
+    # block it enters; its copies share this object, so their calls count here.
+    count: _Count = field(default_factory=_Count)
+
+    @property
+    def calls(self) -> int:
+        return self.count.n
 
 
 def segment_attention(
@@ -180,7 +190,7 @@ def _with_plan(sdpa, module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     if plan is None:
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                     **kwargs)
-    plan.calls += 1
+    plan.count.n += 1
     if plan.block_mask is not None and not dropout:  # FlexAttention has no dropout
         out = _flex(query, key, value, plan.block_mask, scaling)
         return out.transpose(1, 2).contiguous(), None

@@ -58,14 +58,29 @@ def close_world(world: World) -> None:
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated decoder blocks (the classes transformers names in ``_no_split_modules``)."""
+    """The repeated decoder blocks (the classes transformers names in ``_no_split_modules``;
+    also once FSDP2 has sharded them, as subclasses named ``FSDP<name>``)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+
+
+def untied_output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The output layer of ``model`` (PEFT-wrapped or not) when it holds parameters and its
+    weight is not the input embedding's (tied, e.g. Qwen2-0.5B, GPT-2); else None."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if head is None or not any(True for _ in head.parameters()):
+        return None
+    embedding = inner.get_input_embeddings()
+    shared = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    return None if any(id(p) in shared for p in head.parameters()) else head
 
 
 def shard(model: torch.nn.Module, world: World, *, train: bool) -> torch.nn.Module:
-    """FSDP2: shard each transformer block, then the root. On GPU, bf16 parameters and
-    reductions with float32 master weights; on CPU, float32 throughout."""
+    """FSDP2: shard each transformer block, an untied output layer, then the root (embeddings,
+    final norm, a tied output layer). On GPU, bf16 parameters and reductions with float32
+    master weights; on CPU, float32 throughout."""
     if not world.distributed:
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -82,6 +97,12 @@ def shard(model: torch.nn.Module, world: World, *, train: bool) -> torch.nn.Modu
                          "shard (no _no_split_modules)")
     for block in blocks:
         fully_shard(block, **kwargs)
+    head = untied_output_layer(model)
+    if head is not None:
+        # Its own unit: gathered only around its forward and backward (the chunked head runs
+        # it through its hooks, preftune.fastpath), its gradient reduced as soon as backward
+        # leaves it. Training: kept gathered from forward to its backward, which comes next.
+        fully_shard(head, **{**kwargs, "reshard_after_forward": not train})
     fully_shard(model, **kwargs)
     return model
 

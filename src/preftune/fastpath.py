@@ -9,8 +9,7 @@ Three techniques, each usable on its own (flags of :func:`pair_logps`):
   backward, and only one chunk's ``[chunk_size, V]`` logits (with their float32 copy when the
   model is in a lower precision) are alive at a time, in forward and in backward; the one
   exception is ``keep_activations``, which keeps chunk logits only in memory the step's
-  gradients have not taken yet (:mod:`preftune.recompute`). Not for FSDP-sharded models (the
-  body and head weight are used outside the root's forward).
+  gradients have not taken yet (:mod:`preftune.recompute`).
 * **share_prompt** -- each pair is one sequence ``[shared prefix, chosen tail, rejected tail]``.
   The shared prefix is the longest common prefix of the chosen and rejected ids (the prompt, or
   more when both responses start alike), so it is computed once. Position ids restart the
@@ -45,6 +44,11 @@ technique) to the plain computation with one warning, so results are always thos
 ``concatenated_logps`` up to float rounding. Exactness also assumes no dropout (the training
 loop disables it).
 
+Under FSDP2 (:func:`preftune.distributed.shard`) the same code runs: the log-probs are
+computed as the root module's forward and the chunked head as its output layer's (FSDP2's
+hooks gather their parameters, again for backward, and reduce their gradients after), and the
+embedding's in-place gradient goes to the gathered weight's gradient, which FSDP2 reduces.
+
 All of this is decided once, at setup: :func:`decide_fast_paths` checks every model that runs
 forwards on the run's batches and returns a frozen :class:`FastPaths`; its ``collate`` lays
 micro-batches out on CPU (:func:`preftune.data.collate.collate_layout`), and
@@ -57,7 +61,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,25 +113,25 @@ class FastpathFallbackWarning(UserWarning):
 # ----------------------------------------------------------------------------- support checks
 
 
-def _is_fsdp(model: nn.Module) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
+def _model_class(model: nn.Module) -> type:
+    """The class of ``model``, also once FSDP2 has sharded it (an instance of a subclass
+    ``FSDP<name>`` made for it)."""
+    cls = type(model)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls
 
 
 def _family_reason(model: nn.Module) -> str | None:
     from transformers import PreTrainedModel
 
-    name = type(model).__name__
+    cls = _model_class(model)
+    name = cls.__name__
     if not isinstance(model, PreTrainedModel):
         return f"{name} is not a transformers PreTrainedModel"
-    if _is_fsdp(model):
-        # The chunked head calls the body and reads the head weight outside the root module's
-        # forward, where FSDP2 would not have gathered the sharded parameters.
-        return f"{name} is FSDP-sharded"
-    if name not in _FAMILIES or not type(model).__module__.startswith("transformers.models."):
+    if name not in _FAMILIES or not cls.__module__.startswith("transformers.models."):
         return f"unknown architecture {name}"
     if model.base_model is model:
         return f"{name} has no separate decoder body"
@@ -139,8 +143,8 @@ def _family_reason(model: nn.Module) -> str | None:
 
 def _chunk_reason(model: nn.Module) -> str | None:
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        return f"output layer is {type(head).__name__}, not a plain nn.Linear"
+    if _model_class(head) is not nn.Linear:
+        return f"output layer is {_model_class(head).__name__}, not a plain nn.Linear"
     for attr in _HEAD_EXTRAS:
         value = getattr(model.config, attr, None)
         if value is not None and value != 1:
@@ -459,37 +463,19 @@ def _layout_logps(
 ) -> PairLogps:
     """Log-probs of a laid-out micro-batch (tensors on the model's device) under ``fast``,
     decided for ``model``: no capability check, no host sync."""
-    outer = model  # what the recompute budget counts: every trainable parameter
-    model = _unwrap(model)
-    embedding = model.get_input_embeddings()
-    inputs: dict[str, Any] = {**_embed(embedding, layout.input_ids), "use_cache": False}
     plan = None
     if fast.segments and layout.segments is not None:
         attention.install()  # done at the decision; cached, for values built by hand
         mask = (attention.block_mask(layout.segment_ids, layout.branch_ids)
                 if fast.attention_kernel == "flex" else None)  # once for every layer
         plan = attention.Plan(layout.segments, mask)
-        # The 2D padding mask keeps transformers from building a 4D mask of its own (it would
-        # go unused): all ones (one packed row) builds none.
-        inputs.update({"attention_mask": layout.padding_mask, attention.PLAN_KEY: plan})
-    else:
-        impl = model.config._attn_implementation
-        inputs["attention_mask"] = layout.attention_mask(impl, embedding.weight.dtype)
-    if layout.position_ids is not None:
-        inputs["position_ids"] = layout.position_ids
-    if fast.chunked:
-        token_logps = _chunked_logps(outer, model, inputs, layout, fast)
-    else:
-        logits = model(**inputs).logits
-        vocab = logits.shape[-1]
-        logits = logits.reshape(-1, vocab).to(torch.promote_types(logits.dtype, torch.float32))
-        # As sequence_logps: logsumexp over every row, then pick; copying the scored rows out
-        # of [R * L, V] first (index_select) is slower on CPU than the extra logsumexp rows.
-        picked = logits.view(-1)[layout.source * vocab + layout.targets]
-        token_logps = picked - torch.logsumexp(logits, dim=-1)[layout.source]
+    # Run as ``model``'s forward: under FSDP2 its root parameters (embeddings, final norm, a
+    # tied output layer) are gathered for the body called here and again for backward.
+    token_logps = _as_forward(model, lambda: _token_logps(model, layout, fast, plan))
     if plan is not None and plan.calls == 0:  # the values would ignore the pair structure
-        raise RuntimeError(f"preftune.fastpath: {type(model).__name__} did not pass the "
-                           f"attention plan to its attention; set segments=False")
+        name = _model_class(_unwrap(model)).__name__
+        raise RuntimeError(f"preftune.fastpath: {name} did not pass the attention plan to its "
+                           f"attention; set segments=False")
     n = layout.n_pairs
     if ld_alpha is not None:
         token_logps = token_logps * _ld_weights(layout, ld_alpha)
@@ -499,25 +485,77 @@ def _layout_logps(
     return PairLogps(totals[:n], totals[n:], layout.counts[:n], layout.counts[n:])
 
 
+def _token_logps(outer: nn.Module, layout: PackedLayout, fast: FastPaths,
+                 plan: attention.Plan | None) -> Tensor:
+    """The log-prob of each scored token of ``layout`` (``layout.targets``) under ``outer``."""
+    model = _unwrap(outer)
+    embedding = model.get_input_embeddings()
+    inputs: dict[str, Any] = {**_embed(embedding, layout.input_ids), "use_cache": False}
+    if plan is not None:
+        # The 2D padding mask keeps transformers from building a 4D mask of its own (it would
+        # go unused): all ones (one packed row) builds none.
+        inputs.update({"attention_mask": layout.padding_mask, attention.PLAN_KEY: plan})
+    else:
+        impl = model.config._attn_implementation
+        inputs["attention_mask"] = layout.attention_mask(impl, embedding.weight.dtype)
+    if layout.position_ids is not None:
+        inputs["position_ids"] = layout.position_ids
+    if fast.chunked:
+        return _chunked_logps(outer, model, inputs, layout, fast)
+    logits = model(**inputs).logits
+    vocab = logits.shape[-1]
+    logits = logits.reshape(-1, vocab).to(torch.promote_types(logits.dtype, torch.float32))
+    # As sequence_logps: logsumexp over every row, then pick; copying the scored rows out
+    # of [R * L, V] first (index_select) is slower on CPU than the extra logsumexp rows.
+    picked = logits.view(-1)[layout.source * vocab + layout.targets]
+    return picked - torch.logsumexp(logits, dim=-1)[layout.source]
+
+
 def _chunked_logps(outer: nn.Module, model: nn.Module, inputs: dict[str, Any],
                    layout: PackedLayout, fast: FastPaths) -> Tensor:
-    """The scored tokens' log-probs through the decoder body and the chunked output layer."""
+    """The scored tokens' log-probs through the decoder body and the chunked output layer.
+    ``outer``: what the recompute budget counts (every trainable parameter)."""
     head = model.get_output_embeddings()
     chunk_size = fast.chunk_size
     keep = fast.keep_activations and torch.is_grad_enabled()
     spare = recompute.spare_bytes(outer) if keep else 0
-    # The output layer's backward runs first and allocates its weight's gradient while
-    # everything kept is alive; then keep its logits first, then whole blocks.
-    if head.weight.requires_grad and head.weight.grad is None:
-        spare = max(0, spare - head.weight.numel() * head.weight.element_size())
-    row = head.weight.shape[0] * torch.promote_types(head.weight.dtype, torch.float32).itemsize
+    # The output layer's backward runs first and allocates its weight's whole gradient while
+    # everything kept is alive (also under FSDP2, before reducing it); then keep its logits
+    # first, then whole blocks. (Shapes and sizes of a sharded weight are the whole one's.)
+    weight = head.weight
+    if weight.requires_grad:
+        spare = max(0, spare - weight.numel() * weight.element_size())
+    row = weight.shape[0] * torch.promote_types(weight.dtype, torch.float32).itemsize
     rows = layout.targets.numel()
     keep_rows = rows if rows * row <= spare else spare // row // chunk_size * chunk_size
     with recompute.keep_last_blocks(model, layout.input_ids.numel(), spare - keep_rows * row):
         hidden = model.base_model(**inputs).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.source)
-    return chunked_target_logps(hidden, head.weight, head.bias, layout.targets, chunk_size,
-                                keep_rows)
+    # An output layer sharded as its own unit is gathered by its hooks (and its gradient
+    # reduced after its backward); a plain or tied one (the root's, gathered) runs as it is.
+    return _as_forward(head, lambda h: chunked_target_logps(h, head.weight, head.bias,
+                                                           layout.targets, chunk_size,
+                                                           keep_rows), hidden)
+
+
+_FORWARD = "_preftune_forward"
+
+
+def _as_forward(module: nn.Module, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
+    """``fn(*tensors)`` run as if it were ``module``'s forward: for an FSDP2 module, between
+    its pre- and post-forward hooks (``register_fsdp_forward_method``), so that ``fn`` sees its
+    parameters gathered, they are gathered again for backward, and their gradients are reduced
+    after backward has gone through ``tensors``. Any other module: ``fn(*tensors)``."""
+    if not torch.distributed.is_available():
+        return fn(*tensors)
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if not isinstance(module, FSDPModule):
+        return fn(*tensors)
+    if _FORWARD not in vars(module):
+        setattr(module, _FORWARD, lambda fn, *tensors: fn(*tensors))
+        register_fsdp_forward_method(module, _FORWARD)
+    return getattr(module, _FORWARD)(fn, *tensors)
 
 
 def batch_logps(

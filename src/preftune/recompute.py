@@ -13,6 +13,10 @@ would have produced, so values and gradients are unchanged.
 blocks that fit in a budget run without checkpointing for one forward, costing each block by
 the most a kept block has saved for backward per token so far (measured with saved-tensor
 hooks; before the first measurement, a deliberately high estimate from the config).
+
+Under FSDP2 the gradients that do not exist yet are this rank's shards; a block's or the output
+layer's backward still allocates its whole (unsharded) gradient before reducing it, and the
+costs count that.
 """
 
 from __future__ import annotations
@@ -35,9 +39,39 @@ _MEASURED: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictiona
 def spare_bytes(model: nn.Module) -> int:
     """Bytes of the trainable parameters' gradients that do not exist yet: the memory free
     until this step's backward allocates them (0 after a micro-batch's backward, when
-    gradients accumulate)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters()
-               if p.requires_grad and p.grad is None)
+    gradients accumulate). Under FSDP2, this rank's shards of them."""
+    units = _fsdp_units(model)
+    if not units:
+        return sum(p.numel() * p.element_size() for p in model.parameters()
+                   if p.requires_grad and p.grad is None)
+    try:
+        return _sharded_spare_bytes(units)
+    except AttributeError:  # FSDP2's internals moved (another torch): count nothing as free
+        return 0
+
+
+def _fsdp_units(model: nn.Module) -> list[nn.Module]:
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _sharded_spare_bytes(units: list[nn.Module]) -> int:
+    """A sharded model's gradient lives on the sharded parameter, or, between reductions (no
+    gradient sync), unsharded in FSDP2's record of the parameter; while a unit is gathered, its
+    modules hold unsharded parameters with neither. FSDP2 has no public view of the records."""
+    groups = {id(g): g for m in units for g in m._get_fsdp_state()._fsdp_param_groups}
+    total = 0
+    for record in (r for g in groups.values() for r in g.fsdp_params):
+        p = record.sharded_param
+        unsharded = getattr(record, "_unsharded_param", None)  # made at the first gather
+        accumulating = record.unsharded_accumulated_grad is not None or (
+            unsharded is not None and unsharded.grad is not None)
+        if p.requires_grad and p.grad is None and not accumulating:
+            total += p.to_local().numel() * p.element_size()
+    return total
 
 
 def block_bytes_per_token(model: nn.Module) -> float:
@@ -88,7 +122,7 @@ class _Measure:
 
     def __init__(self, model: nn.Module, block: nn.Module, tokens: int) -> None:
         self.model, self.block, self.tokens = model, block, tokens
-        self.params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        self.params: set[int] = set()
         self.storages: dict[int, int] = {}
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self.active = False
@@ -100,6 +134,9 @@ class _Measure:
         return t
 
     def _enter(self, *_: object) -> None:
+        # Read here, after FSDP2's pre-forward hook (which runs first) has put the gathered
+        # parameters in place of the shards.
+        self.params = {p.untyped_storage().data_ptr() for p in self.block.parameters()}
         self.hooks.__enter__()
         self.active = True
 
