@@ -130,7 +130,7 @@ def _check_model(build, world, *, lora: bool = False) -> dict:
     enable_activation_checkpointing(policy)
     policy = shard(policy, world, train=True)
     reference = shard(copy.deepcopy(reference_plain), world, train=False) if not lora else None
-    requested = FastPaths(pad_token_id=0, chunk_size=5)
+    requested = FastPaths(pad_token_id=0, chunk_size=5, attention_kernel="segment")
     fast = decide_fast_paths(requested, [policy, reference], max_length=64)
     problems = []
     eager = policy.config._attn_implementation == "eager"  # 4D masks, not segments
