@@ -98,7 +98,7 @@ def test_gpu_check_script_runs_at_tiny_size_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert [c["fallbacks"] for c in report["fast_vs_plain"]] == [[], []]
     fsdp = report["fsdp_vs_plain"]
-    assert fsdp["fsdp_fallbacks"] == [] and fsdp["first_loss_vs_ln2"] < 1e-6
+    assert fsdp["fsdp_fallbacks"] == [] and fsdp["first_loss_vs_ln2"] < 1e-5
     assert fsdp["max_abs_diff"] <= 1e-4 and report["benchmark"]["results"]["preftune"]
 
 
