@@ -1,6 +1,6 @@
 """Check the FSDP2 path against the plain path on one GPU (or, tiny, on the CPU).
 
-    python benchmarks/fsdp_gpu_check.py                 # one GPU: bf16 plain vs FSDP2 bf16 mixed
+    python benchmarks/fsdp_gpu_check.py                 # one GPU: dtype=bfloat16, plain vs FSDP2
     python benchmarks/fsdp_gpu_check.py --device cpu    # the same plumbing at a tiny size
 
 Builds a randomly initialised Qwen2-style model (with the Qwen2.5 tokenizer from
@@ -53,13 +53,14 @@ def main() -> int:
               "micro_batch_size=4", f"max_length={length}", f"max_prompt_length={length // 2}",
               "eval_examples=8", "n_samples=0", "warmup_steps=0", "lr=1e-5",
               "optimizer=adamw", "eval_every=0", "save_every=0", f"max_examples={8 * args.steps}"]
-    # Plain: weights in bf16 on GPU. FSDP2: float32 master weights, bf16 compute (mp policy).
-    plain_dtype = "bfloat16" if args.device == "cuda" else "float32"
+    # Both float32 master weights and bf16 compute on GPU: autocast in one process, FSDP2's
+    # bf16 gathered weights under torchrun (preftune.precision); float32 on CPU.
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run([sys.executable, "-m", "preftune", "dpo", *common, f"dtype={plain_dtype}",
+    run([sys.executable, "-m", "preftune", "dpo", *common, f"dtype={dtype}",
          f"output_dir={work / 'plain'}"])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node=1", "-m", "preftune", "dpo", *common, "dtype=float32",
+                    "--nproc_per_node=1", "-m", "preftune", "dpo", *common, f"dtype={dtype}",
                     f"output_dir={work / 'fsdp'}"], check=True, env=env)
     a, b = losses(work / "plain"), losses(work / "fsdp")
     worst = max(abs(x - y) for x, y in zip(a, b, strict=True))
