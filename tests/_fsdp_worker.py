@@ -14,7 +14,8 @@ import torch
 
 from preftune.config import DPOConfig
 from preftune.distributed import World, close_world, full_state_dict, init_world, shard
-from preftune.precision import fsdp_dtypes
+from preftune.precision import fsdp_dtypes, weights_dtype
+from preftune.reference import FrozenReference
 from preftune.train import Data, build_objective, make_state, precompute_reference, train_step
 
 from .conftest import tiny_llama
@@ -36,17 +37,22 @@ def reductions(model: torch.nn.Module) -> tuple[list[str], int]:
     return seen, len(modules)
 
 
-def run(world: World, **settings) -> dict:
+def run(world: World, live: bool = False, **settings) -> dict:
     """Two steps of 4 pairs in micro-batches of 1 (2 per process per step), from the same
-    start and precomputed reference; returns the losses, each step's reductions and the
-    final weights (rank 0)."""
+    start, against the precomputed reference (``live``: a sharded copy of the start); returns
+    the losses, each step's reductions and the final weights (rank 0)."""
     cfg = DPOConfig(model="tiny", dataset="pairs.jsonl", lr=1e-3, optimizer="adamw",
                     warmup_steps=0, batch_size=BATCH, micro_batch_size=1, chunked_logps=False,
                     share_prompt=False, pack=False, **settings)
-    policy = tiny_llama(VOCAB).train()
+    policy = tiny_llama(VOCAB).to(weights_dtype(cfg)).train()
     objective = build_objective(cfg, 0)
     data = Data(train=_examples(n=STEPS * BATCH), eval=[], sample_prompts=[], dropped=0)
-    reference = precompute_reference(cfg, policy, data, 0, world, objective, None)
+    if live:
+        frozen = shard(tiny_llama(VOCAB).to(weights_dtype(cfg)).requires_grad_(False), world,
+                       train=False, **fsdp_dtypes(cfg))
+        reference = FrozenReference(frozen, objective.sequence_logps)
+    else:
+        reference = precompute_reference(cfg, policy, data, 0, world, objective, None)
     policy = shard(policy, world, train=True, **fsdp_dtypes(cfg))
     seen, modules = reductions(policy)
     state = make_state(cfg, world, policy, reference, objective, 0, total_steps=STEPS)
@@ -67,7 +73,9 @@ def main(out: str) -> None:
     world = init_world("cpu")
     runs = {"once": run(world), "every": run(world, reduce_every_micro_batch=True),
             "bf16": run(world, dtype="bfloat16"),
-            "bf16_reduce": run(world, dtype="bfloat16", reduce_dtype="bfloat16")}
+            "bf16_live": run(world, live=True, dtype="bfloat16"),
+            "bf16_reduce": run(world, dtype="bfloat16", reduce_dtype="bfloat16"),
+            "pure": run(world, dtype="bfloat16", master_weights="bfloat16")}
     if world.main:
         runs["single"] = run(World())
         result = {name: {k: v for k, v in r.items() if k != "weights"}

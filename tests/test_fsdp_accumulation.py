@@ -41,12 +41,15 @@ def test_accumulation_reduces_once_per_step_with_the_same_result(result):
 
 
 def test_bf16_gathers_bf16_weights_and_reduces_in_reduce_dtype(result):
-    bf16, reduced = result["bf16"], result["bf16_reduce"]
-    assert {d for step in bf16["reductions"] for d in step} == {"torch.float32"}
+    bf16, reduced, pure = result["bf16"], result["bf16_reduce"], result["pure"]
+    # float32 reductions by default, of bf16 gradients too (pure bf16: master_weights)
+    for run in (bf16, pure):
+        assert {d for step in run["reductions"] for d in step} == {"torch.float32"}
     assert {d for step in reduced["reductions"] for d in step} == {"torch.bfloat16"}
-    # The precomputed reference (an unsharded copy) computes as the sharded policy does.
-    assert bf16["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
-    assert reduced["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    # The precomputed reference (an unsharded copy) and a live one (sharded like the policy)
+    # compute as the sharded policy does.
+    for run in (bf16, reduced, result["bf16_live"], pure):
+        assert run["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
     # bf16 compute: the second step moves off the float32 one, by bf16 rounding only.
     assert bf16["losses"][1] == pytest.approx(result["once"]["losses"][1], abs=1e-4)
     assert 0 < result["difference"]["bf16"] < 1e-2

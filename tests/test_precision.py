@@ -95,7 +95,8 @@ def test_fast_paths_match_the_plain_path_under_autocast():
 
 def _run(tmp_path, model, name, **kw):
     settings = run_settings(tmp_path, model, name, max_length=48, max_prompt_length=24,
-                            eval_examples=2, n_samples=0, batch_size=2, micro_batch_size=1,
+                            eval_examples=2, n_samples=1, max_new_tokens=2, batch_size=2,
+                            micro_batch_size=1,
                             max_examples=8, **kw)
     return train(DPOConfig(**settings), progress=False)
 
