@@ -454,7 +454,8 @@ def main() -> None:
                     f"{', '.join(SHAPES)} (random weights, Qwen2.5 tokenizer; default {MODEL})")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="weights and compute of both (bfloat16: pure bf16, as dtype=bfloat16)")
+                    help="weights and compute of both (bfloat16: pure bf16, as preftune's "
+                         "dtype=bfloat16 master_weights=bfloat16)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after the warmup)")
     ap.add_argument("--rounds", type=int, default=1, help="run the methods in turn this many "
                     "times and pool their timed steps (evens out drift in machine speed)")

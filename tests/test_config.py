@@ -28,6 +28,7 @@ SHARED_DEFAULTS = {
     "micro_batch_size": 8, "max_length": 512, "max_prompt_length": 256, "truncation": "auto",
     "epochs": 1, "max_steps": None, "eval_every": 300, "sample_every": None, "n_samples": 4,
     "max_new_tokens": 128, "max_grad_norm": 10.0, "seed": 0, "dtype": "float32", "compile": False,
+    "master_weights": "float32", "reduce_dtype": "float32", "reduce_every_micro_batch": False,
     "gradient_checkpointing": True, "release_memory": True, "log_every": 1,
     "trust_remote_code": False,
     "device": "auto", "strict_data": False, "prompt_field": None, "chosen_field": None,

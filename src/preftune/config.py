@@ -172,8 +172,22 @@ class TrainConfig:
     max_nonfinite_steps: int = _f("run", 3, "stop after N non-finite steps in a row (each "
                                   "one's update is skipped)", "> 0")
     device: Literal["auto", "cpu", "cuda"] = _f("run", "auto", "auto = cuda if available")
-    dtype: Literal["float32", "bfloat16"] = _f("run", "float32", "weights and compute "
-                                               "(reference: float32)")
+    dtype: Literal["float32", "bfloat16"] = _f(
+        "run", "float32", "compute precision (reference: float32); bfloat16 = bf16 matmuls "
+        "(torch.autocast; under torchrun FSDP2 gathers bf16 copies of the weights) with "
+        "float32 master weights, gradients and optimizer state, for 1 or N processes")
+    master_weights: Literal["float32", "bfloat16"] = _f(
+        "run", "float32", "with dtype=bfloat16, the weights the optimizer updates (and its "
+        "state); bfloat16 = pure bf16, half their memory, but bf16 keeps 8 significant bits: "
+        "an update below about 2^-8 x |w| rounds away, so a warning when lr < 2^-8 x the mean "
+        "|w| of the trainable weights (Adam/RMSprop updates are about lr in size)")
+    reduce_dtype: Literal["float32", "bfloat16"] = _f(
+        "run", "float32", "torchrun: dtype gradients are reduce-scattered in across processes; "
+        "bfloat16 (with dtype=bfloat16) halves that traffic and rounds the summed gradients")
+    reduce_every_micro_batch: bool = _f(
+        "run", False, "torchrun: reduce-scatter gradients after every micro-batch instead of "
+        "once per optimizer step: more communication, but no unsharded gradients of the whole "
+        "model kept on each process between micro-batches (less memory)")
     gradient_checkpointing: bool = _f("run", True, "recompute each block's activations in "
                                       "backward: one block's activation memory, for more compute")
     release_memory: bool = _f("run", True, "CPU: return freed heap pages to the OS before "
@@ -216,6 +230,10 @@ class TrainConfig:
         if self.micro_batch_size > self.batch_size:
             raise ConfigError(f"micro_batch_size: must be <= batch_size ({self.batch_size}), "
                               f"got {self.micro_batch_size}")
+        for key in ("master_weights", "reduce_dtype"):
+            if getattr(self, key) == "bfloat16" and self.dtype != "bfloat16":
+                raise ConfigError(f"{key}: bfloat16 applies only with dtype=bfloat16, got "
+                                  f"dtype={self.dtype}")
         for sink in self.report_sinks():
             if sink not in REPORT_TO:
                 raise ConfigError(f"report_to: unknown sink {sink!r}; expected a comma-"

@@ -77,10 +77,15 @@ def untied_output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
     return None if any(id(p) in shared for p in head.parameters()) else head
 
 
-def shard(model: torch.nn.Module, world: World, *, train: bool) -> torch.nn.Module:
+def shard(model: torch.nn.Module, world: World, *, train: bool,
+          param_dtype: torch.dtype | None = None,
+          reduce_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """FSDP2: shard each transformer block, an untied output layer, then the root (embeddings,
-    final norm, a tied output layer). On GPU, bf16 parameters and reductions with float32
-    master weights; on CPU, float32 throughout."""
+    final norm, a tied output layer). ``param_dtype`` (dtype=bfloat16,
+    see ``preftune.precision``): the weights stay sharded as stored (float32 master weights)
+    and are gathered as ``param_dtype`` copies for compute; ``reduce_dtype``: the dtype a
+    trained model's gradients are reduce-scattered (and accumulated) in. The same on GPU and
+    CPU."""
     if not world.distributed:
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -88,9 +93,9 @@ def shard(model: torch.nn.Module, world: World, *, train: bool) -> torch.nn.Modu
 
     mesh = init_device_mesh(world.device.type, (world.size,))
     kwargs = {"mesh": mesh}
-    if world.device.type == "cuda" and train:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                   reduce_dtype=torch.bfloat16)
+    if param_dtype is not None or (train and reduce_dtype is not None):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                                   reduce_dtype=reduce_dtype if train else None)
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to "
@@ -105,6 +110,14 @@ def shard(model: torch.nn.Module, world: World, *, train: bool) -> torch.nn.Modu
         fully_shard(head, **{**kwargs, "reshard_after_forward": not train})
     fully_shard(model, **kwargs)
     return model
+
+
+def gradient_sync(model: torch.nn.Module, world: World, enabled: bool) -> None:
+    """Whether the next backward reduce-scatters ``model``'s gradients (FSDP2). Off, each
+    process accumulates its unsharded gradients locally, so that accumulating micro-batches
+    reduces once per optimizer step, with the last one. A no-op on one process."""
+    if world.distributed and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
 
 
 def sum_across(stats: Counter, world: World) -> Counter:

@@ -11,7 +11,8 @@ Precomputing: the reference is frozen, so its log-probs of each pair never chang
 training: one batched no-grad pass before training replaces a reference forward at every
 step, and the reference model can be freed. The on-disk cache key covers everything the
 numbers depend on: the reference weights, the exact token ids and labels of every pair (hence
-the tokenizer, the data and the truncation settings), the length normalisation and the dtype.
+the tokenizer, the data and the truncation settings), the length normalisation, the dtype of
+the weights and the precision they compute in (``preftune.precision``).
 """
 
 from __future__ import annotations
@@ -155,16 +156,19 @@ def weights_digest(model: torch.nn.Module) -> bytes:
 
 def fingerprint(
     model: torch.nn.Module, examples: Sequence[Example], *, average: bool,
-    weights: bytes | None = None, ld_alpha: float | None = None,
+    weights: bytes | None = None, ld_alpha: float | None = None, precision: str = "",
 ) -> str:
     """A hex digest of the reference weights, the tokenized pairs and the settings.
 
     ``weights`` is ``weights_digest(model)`` when the caller already has it (the train and
-    eval pairs of one run share it: hashing the weights once is most of the cost)."""
+    eval pairs of one run share it: hashing the weights once is most of the cost).
+    ``precision`` names a compute precision other than the weights' own ("": theirs)."""
     h = hashlib.blake2b(digest_size=20)
     h.update(f"average={average};n={len(examples)}".encode())
     if ld_alpha is not None:  # LD-DPO's token weighting changes the numbers
         h.update(f";ld_alpha={float(ld_alpha)!r}".encode())
+    if precision:  # bf16 compute from float32 weights: other numbers, same weights
+        h.update(f";precision={precision}".encode())
     h.update(weights if weights is not None else weights_digest(model))
     for ex in examples:
         for key in KEYS:
@@ -216,15 +220,18 @@ def cached_reference_logps(
     world: World | None = None,
     weights: bytes | None = None,
     ld_alpha: float | None = None,
+    precision: str = "",
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
     """Reference log-probs from the cache, or computed and stored; returns (logps, hit).
 
     ``logps`` computes a batch's log-probs (default: the plain concatenated forward); any
     exact path gives the same numbers, so it is not part of the fingerprint. ``weights``:
     ``weights_digest(model)``, if already computed. ``ld_alpha``: the LD-DPO weighting the
-    numbers carry (part of the key)."""
+    numbers carry (part of the key). ``precision``: how the model computes when not in its
+    weights' dtype (part of the key; see ``fingerprint``)."""
     world = world or World()
-    key = fingerprint(model, examples, average=average, weights=weights, ld_alpha=ld_alpha)
+    key = fingerprint(model, examples, average=average, weights=weights, ld_alpha=ld_alpha,
+                      precision=precision)
     path = cache_dir / f"{key}.safetensors"
     cached, problem = _read_entry(path, len(examples)) if path.is_file() else (None, "")
     hit = cached is not None

@@ -9,6 +9,7 @@ reference the objective compares with in ``reference``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -66,6 +67,7 @@ from .distributed import (
     close_world,
     full_state_dict,
     grad_norm_value,
+    gradient_sync,
     init_world,
     shard,
     share,
@@ -85,6 +87,14 @@ from .models import (
     load_tokenizer,
     remove_interrupted_exports,
     save_pretrained,
+)
+from .precision import (
+    autocast,
+    check_learning_rate,
+    fsdp_dtypes,
+    mixed,
+    parameters_in,
+    weights_dtype,
 )
 from .reference import (
     AdapterOffReference,
@@ -154,6 +164,8 @@ class TrainState:
     release: Callable[[], object] = field(default=lambda: None)
     saved_step: int | None = None  # the step of the newest checkpoint this run saved or resumed
     judge: Callable[[torch.nn.Module], dict] | None = None  # eval_scorer's metrics of a policy
+    # What every forward runs in: bf16 autocast with dtype=bfloat16 (preftune.precision).
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad: int,
@@ -176,20 +188,27 @@ def precompute_reference(cfg: DPOConfig, model: torch.nn.Module, data: Data, pad
     was_training = model.training  # the policy itself may serve as the reference here
     model.eval()
     weights = weights_digest(model)  # once for both splits
-    for name in ("train", "eval"):
-        examples = getattr(data, name)
-        if not examples:
-            continue
-        logps, hit = cached_reference_logps(model, examples, batches,
-                                            average=objective.average, cache_dir=cache,
-                                            logps=objective.sequence_logps, world=world,
-                                            weights=weights, ld_alpha=objective.ld_alpha)
-        setattr(data, name, attach(examples, logps))
-        if world.main:
-            print(f"reference log-probs of {len(examples)} {name} pairs: "
-                  f"{'from cache' if hit else 'computed and cached'} ({cache})", file=sys.stderr)
-    # Only rank 0 samples, from its own unsharded copy: no other rank takes part.
-    samples = sampler(model, synced=False) if sampler is not None and world.main else None
+    # As the sharded models compute in training: from bf16 copies of the weights under
+    # torchrun (FSDP2's param_dtype), from the weights under autocast on one process.
+    gathered = fsdp_dtypes(cfg)["param_dtype"] if world.distributed else None
+    precision = "" if not mixed(cfg) else "bf16-params" if gathered else "bf16-autocast"
+    with parameters_in(model, gathered), autocast(cfg, world.device):
+        for name in ("train", "eval"):
+            examples = getattr(data, name)
+            if not examples:
+                continue
+            logps, hit = cached_reference_logps(model, examples, batches,
+                                                average=objective.average, cache_dir=cache,
+                                                logps=objective.sequence_logps, world=world,
+                                                weights=weights, ld_alpha=objective.ld_alpha,
+                                                precision=precision)
+            setattr(data, name, attach(examples, logps))
+            if world.main:
+                print(f"reference log-probs of {len(examples)} {name} pairs: "
+                      f"{'from cache' if hit else 'computed and cached'} ({cache})",
+                      file=sys.stderr)
+        # Only rank 0 samples, from its own unsharded copy: no other rank takes part.
+        samples = sampler(model, synced=False) if sampler is not None and world.main else None
     model.train(was_training)
     return PrecomputedReference(samples)
 
@@ -247,7 +266,8 @@ def preflight(cfg: TrainConfig, out: Path) -> None:
 RESUMABLE_CHANGES = {"resume", "max_steps", "epochs", "eval_every", "sample_every", "save_every",
                      "keep_checkpoints", "log_every", "n_samples", "max_new_tokens", "device",
                      "max_nonfinite_steps", "report_to", "release_memory", "eval_scorer",
-                     "output_dir"}  # a moved or copied run folder resumes where it now is
+                     "output_dir",  # a moved or copied run folder resumes where it now is
+                     "reduce_every_micro_batch"}  # memory against communication, same sums
 
 
 def find_resume_point(cfg: TrainConfig, out: Path) -> Path | None:
@@ -431,10 +451,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. repeated non-finite steps); the message is one line."""
 
 
-def _dtype(cfg: TrainConfig) -> torch.dtype:
-    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-
-
 # ----------------------------------------------------------------------------- setup
 
 
@@ -442,9 +458,10 @@ def load_policy(cfg: TrainConfig, device: torch.device, tokenizer) -> torch.nn.M
     """The trainable policy (dropout off, activation checkpointing as configured); a loaded
     model (Python API) is trained in place."""
     if isinstance(cfg.model, str):
-        policy = load_model(cfg.model, dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+        policy = load_model(cfg.model, dtype=weights_dtype(cfg),
+                            trust_remote_code=cfg.trust_remote_code)
     else:
-        policy = cfg.model.to(_dtype(cfg))
+        policy = cfg.model.to(weights_dtype(cfg))
         disable_dropout(policy)
     vocab = policy.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
@@ -460,10 +477,10 @@ def load_frozen(cfg: DPOConfig, device: torch.device, policy: torch.nn.Module) -
     """A separate frozen reference model, checked against the policy's vocabulary (a copy of a
     loaded one: the policy may be that very object)."""
     if isinstance(cfg.reference, str):
-        model = load_model(cfg.reference, dtype=_dtype(cfg),
+        model = load_model(cfg.reference, dtype=weights_dtype(cfg),
                            trust_remote_code=cfg.trust_remote_code)
     else:
-        model = copy.deepcopy(cfg.reference).to(_dtype(cfg))
+        model = copy.deepcopy(cfg.reference).to(weights_dtype(cfg))
         disable_dropout(model)
     model.to(device).eval().requires_grad_(False)
     p_vocab = policy.get_output_embeddings().weight.shape[0]
@@ -506,10 +523,12 @@ def build_models(cfg: TrainConfig, world: World, tokenizer, data: Data, objectiv
             raise ConfigError(f"reference: sync_reference copies the policy into the "
                               f"reference; {cfg.reference} has other parameters than "
                               f"{cfg.model}")
-    policy = shard(policy, world, train=True)
+    check_learning_rate(cfg, policy, show=world.main)  # pure bf16: updates that round away
+    policy = shard(policy, world, train=True, **fsdp_dtypes(cfg))
     if cfg.compile:
         compile_blocks(policy)
-    frozen = shard(frozen, world, train=False) if frozen is not None else None
+    # A live reference is stored and gathered like the policy: at step 0 both compute alike.
+    frozen = shard(frozen, world, train=False, **fsdp_dtypes(cfg)) if frozen is not None else None
     objective = with_fast_paths(objective, [policy, frozen], cfg.max_length)
     if frozen is not None:
         reference = FrozenReference(frozen, objective.sequence_logps)
@@ -569,9 +588,10 @@ def make_sampler(cfg: TrainConfig, tokenizer, data: Data, pad_id: int,
     def sample(model: torch.nn.Module, synced: bool | None = None) -> list[str]:
         """``synced``: keep sharded models in step across processes (default: when
         distributed); an unsharded model sampled on one rank passes False."""
-        return generate(model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                        pad_token_id=pad_id,
-                        synced=world.distributed if synced is None else synced)
+        with autocast(cfg, world.device):
+            return generate(model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                            pad_token_id=pad_id,
+                            synced=world.distributed if synced is None else synced)
 
     return sample
 
@@ -586,7 +606,8 @@ def make_state(cfg: TrainConfig, world: World, policy: torch.nn.Module, referenc
         optimizer, lambda s: lr_factor(s, warmup, total_steps, cfg.scheduler))
     return TrainState(cfg, world, policy, reference, objective, optimizer, scheduler,
                       collate_for(objective, pad_id), total_steps,
-                      release=memory_releaser(cfg.release_memory, world.device), **rest)
+                      release=memory_releaser(cfg.release_memory, world.device),
+                      autocast=partial(autocast, cfg, world.device), **rest)
 
 
 def setup(cfg: TrainConfig, world: World, *, progress: bool) -> TrainState:
@@ -686,8 +707,13 @@ def train_step(state: TrainState, examples: list[Example]) -> dict[str, Any]:
     policy, objective, counters, world = state.policy, state.objective, state.counters, state.world
     denominator = objective.denominator(examples)  # of the global batch, on every rank
     stats: Counter = Counter()
-    for batch in micro_batches_of(state, examples):
-        loss, micro_stats = objective(policy, state.reference, batch, denominator)
+    # Under FSDP2, gradients are reduced once per step, by the last micro-batch's backward
+    # (or by every one's with reduce_every_micro_batch, keeping no unsharded gradients).
+    last = -(-len(share(examples, world)) // state.cfg.micro_batch_size) - 1
+    for i, batch in enumerate(micro_batches_of(state, examples)):
+        gradient_sync(policy, world, i == last or state.cfg.reduce_every_micro_batch)
+        with state.autocast():  # backward runs each op in its forward's dtype
+            loss, micro_stats = objective(policy, state.reference, batch, denominator)
         state.release()  # what forward freed, before backward allocates gradients
         # FSDP averages gradients over ranks; scaling by the world size makes it a sum.
         (loss * world.size).backward()
@@ -777,10 +803,11 @@ def run_eval(state: TrainState) -> None:
     """The objective's metrics on the held-out pairs, summed over every process."""
     mine = len(share(state.data.eval, state.world))
     batches = micro_batches_of(state, state.data.eval)
-    stats = evaluate(state.policy, state.reference, state.objective, batches, state.progress,
-                     total=-(-mine // state.cfg.micro_batch_size))
+    with state.autocast():
+        stats = evaluate(state.policy, state.reference, state.objective, batches,
+                         state.progress, total=-(-mine // state.cfg.micro_batch_size))
+        judged = state.judge(state.policy) if state.judge is not None else {}
     stats = sum_across(stats, state.world)
-    judged = state.judge(state.policy) if state.judge is not None else {}
     state.log.eval({"split": "eval", "step": state.counters.step,
                     "examples": state.counters.examples, **finalize(stats), **judged})
 
@@ -825,7 +852,7 @@ def finish(state: TrainState) -> Path:
     if world.main:
         export = state.policy
         if cfg.lora and world.distributed:  # an unsharded copy holding the gathered weights
-            export = apply_lora(load_model(cfg.model, dtype=_dtype(cfg)), cfg)
+            export = apply_lora(load_model(cfg.model, dtype=weights_dtype(cfg)), cfg)
             export.load_state_dict(weights)
             weights = None
         if cfg.lora and cfg.lora_export == "merged":
