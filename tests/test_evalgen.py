@@ -45,8 +45,14 @@ def _pairs(tmp_path, tiny_model_dir, prompts_file, name, *extra):
     return out
 
 
-def test_pairs_reproducible_no_self_pairs_no_ties(tmp_path, tiny_model_dir, prompts_file):
+def test_pairs_reproducible_no_self_pairs_no_ties(tmp_path, tiny_model_dir, prompts_file,
+                                                   capfd):
     first = _pairs(tmp_path, tiny_model_dir, prompts_file, "a.jsonl", "pairs=all")
+    # sampling reports its progress: 20 completions in batches of 5, a line after each but
+    # the last
+    done = [line.split()[0] for line in capfd.readouterr().err.splitlines()
+            if line.endswith(" left") and "completions" in line]
+    assert done == ["5/20", "10/20", "15/20"]
     again = _pairs(tmp_path, tiny_model_dir, prompts_file, "b.jsonl", "pairs=all")
     other = _pairs(tmp_path, tiny_model_dir, prompts_file, "c.jsonl", "pairs=all", "seed=1")
     assert first.read_bytes() == again.read_bytes() != other.read_bytes()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -153,6 +154,7 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
 
     from .data import pad_id_for
     from .evaluate import completion_logps, eos_ids, sample
+    from .tracking import duration
 
     pad, eos = pad_id_for(tokenizer), eos_ids(model, tokenizer)
     rows = [i for i in range(len(ids)) for _ in range(cfg.n)]
@@ -160,6 +162,7 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
     lengths: list[int] = []
     logps: dict[str, list[float]] = {name: [] for name in logp_models or {}}
     torch.manual_seed(cfg.seed)
+    begun, tenth = time.monotonic(), max(1, len(rows) // 10)
     for start in range(0, len(rows), cfg.batch_size):
         batch = [ids[i] for i in rows[start : start + cfg.batch_size]]
         width = max(len(p) for p in batch)
@@ -175,6 +178,11 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
             kept = [t for t, m in zip(row, row_mask, strict=True) if m]
             texts.append(tokenizer.decode(kept, skip_special_tokens=True))
             lengths.append(len(kept))
+        done = len(texts)
+        if done // tenth > (done - len(batch)) // tenth and done < len(rows):  # ~10 lines
+            spent = time.monotonic() - begun
+            print(f"  {done}/{len(rows)} completions, {duration(spent)} elapsed, about "
+                  f"{duration(spent * (len(rows) - done) / done)} left", file=sys.stderr)
 
     def per_prompt(values: list) -> list[list]:
         return [values[i : i + cfg.n] for i in range(0, len(values), cfg.n)]
