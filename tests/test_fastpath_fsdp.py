@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from preftune import recompute
@@ -233,6 +235,45 @@ def _check_mixed_precision(world) -> list[str]:
             if rel > 3e-2]
 
 
+class _Shapes(TorchDispatchMode):
+    """The shape of every tensor an op produces, forward and backward (local shards)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _vocabulary_sized(world) -> list[str]:
+    """Under FSDP2 the chunked head makes nothing vocabulary-sized larger than one chunk of
+    logits or the gathered [V, H] head weight, forward and backward; the plain path (the
+    control) makes [rows, T, V] logits."""
+    from preftune.data import collate_pairs
+    from preftune.distributed import shard, share
+
+    chunk, problems = 5, []
+    mine = share(_examples(2 * BATCH), world)
+    for name, requested in (("fast", FastPaths(pad_token_id=0, chunk_size=chunk,
+                                               attention_kernel="segment")), ("plain", None)):
+        model = shard(tiny_llama(VOCAB, seed=0).train(), world, train=True)
+        fast = decide_fast_paths(requested, [model], max_length=64)
+        batch = fast.collate(mine) if fast else collate_pairs(mine, 0)
+        with _Shapes() as mode:
+            out = batch_logps(model, batch, fast)
+            (out.chosen.sum() - out.rejected.sum()).backward()
+        limit = max(chunk * VOCAB, model.lm_head.weight.numel())  # numel: the unsharded one
+        big = [s for s in mode.shapes if VOCAB in s and math.prod(s) > limit]
+        if (name == "fast") == bool(big):
+            problems.append(f"{name}: vocabulary-sized tensors {big[:3]}")
+    return problems
+
+
 def _worker(settings: dict) -> None:
     """Every check on each model, then a whole run (``settings``) in these two processes."""
     from preftune.distributed import init_world
@@ -250,6 +291,7 @@ def _worker(settings: dict) -> None:
     }
     recompute.spare_bytes = _SPARE_BYTES
     results["bf16"] = {"problems": _check_mixed_precision(world), "kept_blocks": None}
+    results["vocabulary"] = {"problems": _vocabulary_sized(world), "kept_blocks": None}
     if world.main:
         print("RESULTS " + json.dumps(results), flush=True)
     train(DPOConfig(**settings), progress=False)  # closes the process group
