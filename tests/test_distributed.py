@@ -124,3 +124,17 @@ def test_lora_two_processes_match_one(tmp_path, tiny_model_dir):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-3,
                                    atol=1e-4)
+
+
+def test_tr_dpo_reference_sync_two_processes_match_one(tmp_path, tiny_model_dir):
+    """TR-DPO under FSDP2: the live reference is sharded like the policy and updated shard by
+    shard; its weights go into the (sharded) checkpoint at step 3."""
+    kw = {"max_steps": 4, "sync_reference": "soft", "sync_alpha": 0.5, "sync_every": 1,
+          "n_samples": 0}
+    runs = {n: tmp_path / f"p{n}" for n in (0, 2)}
+    for n, out in runs.items():
+        proc = _run(tiny_model_dir, out, n, **kw)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (_train_records(runs[n]) for n in (0, 2))
+    _close(one, two)
+    assert one[-1]["rewards/margins"] != 0  # the reference moved with the policy, not frozen

@@ -112,6 +112,18 @@ def shard(model: torch.nn.Module, world: World, *, train: bool,
     return model
 
 
+def reshard_all(model: torch.nn.Module) -> None:
+    """Every FSDP2 unit of ``model`` back to its shards (the root stays gathered after a
+    forward), so that its parameters are the sharded ones; a no-op for a plain model."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def gradient_sync(model: torch.nn.Module, world: World, enabled: bool) -> None:
     """Whether the next backward reduce-scatters ``model``'s gradients (FSDP2). Off, each
     process accumulates its unsharded gradients locally, so that accumulating micro-batches

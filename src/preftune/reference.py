@@ -105,6 +105,10 @@ class FrozenReference:
         Alignment" (arXiv:2404.09656), the soft update theta_ref <- alpha * theta +
         (1 - alpha) * theta_ref, parameter by parameter; alpha = 1 is the hard update (a copy).
         Both models hold the same parameters in the same order (sharded alike under FSDP2)."""
+        from .distributed import reshard_all
+
+        for model in (self.model, policy):  # FSDP2 keeps a root unit gathered after forward
+            reshard_all(model)
         for ref, new in zip(self.model.parameters(), policy.parameters(), strict=True):
             if alpha == 1.0:
                 ref.copy_(new)
