@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -181,3 +182,25 @@ def test_prompts_read_and_tokenized_as_training_does(tmp_path, gpt2_tokenizer):
     path.write_text(json.dumps({"prompt": chat}) + "\n" + json.dumps({"prompt": 3}) + "\n")
     with pytest.raises(DataError, match=r"chat.jsonl:2: prompt: expected text or a list of "):
         read_prompts(str(path), None, qwen)
+
+
+def test_sentiment_frontier_runs_at_tiny_size(tmp_path):
+    """benchmarks/sentiment_frontier.py --tiny: pairs, a DPO and an IPO run, each evaluated;
+    the plot, the JSON and the table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"),
+                                                         str(root / "benchmarks")])}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "sentiment_frontier.py"),
+                           "--tiny", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads((tmp_path / "frontier.json").read_text())
+    assert [r["run"] for r in results] == ["DPO beta=0.1", "IPO tau=0.5"]
+    for r in results:
+        assert r["kl"]["stderr"] >= 0 and -1 <= r["score"]["mean"] <= 1
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| DPO beta=0.1 |" in proc.stdout and "| reference | 0 |" in proc.stdout
