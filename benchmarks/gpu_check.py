@@ -156,7 +156,7 @@ def benchmark(device: str, tiny: bool, work: Path) -> dict:
     else:
         size = ["--model", "random-qwen2.5-0.5b", "--max-length", "1024",
                 "--max-prompt-length", "512", "--pairs", "8", "--steps", "5", "--warmup", "2",
-                "--matmul-n", "8192"]
+                "--matmul-n", "8192", "--set", "compile=true"]
     dtype = "bfloat16" if device == "cuda" else "float32"
     _run([sys.executable, str(HERE / "bench_dpo_vs_trl.py"), "--device", device, "--dtype",
           dtype, *size, "--methods", *methods, "--json", str(out)], dict(os.environ))

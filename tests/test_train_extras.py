@@ -1,6 +1,5 @@
 """Training with the other losses, their state across resume, and the logging sinks."""
 
-import json
 import math
 
 import pytest
@@ -75,21 +74,3 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path, tiny_model_dir):
     for step in range(2):
         for key in ("loss", "grad_norm", "logps/chosen"):
             assert compiled[step][key] == pytest.approx(eager[step][key], rel=1e-5), key
-
-
-def test_benchmark_script_runs_at_a_tiny_size(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dpo_vs_trl.py"
-    out = subprocess.run([sys.executable, str(script), "--model", "random-tiny", "--methods",
-                          "preftune", "--steps", "1", "--pairs", "2", "--max-length", "64",
-                          "--max-prompt-length", "32", "--rounds", "2",
-                          "--set", "compile=true",  # as the GPU command
-                          "--json", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, check=True).stdout
-    row = next(line for line in out.splitlines() if line.startswith("preftune "))
-    assert len(row.split()) == 9 and float(row.split()[1]) > 0  # s/step, ..., GPU peak "-"
-    assert "running preftune (round 2)" in out
-    assert len(json.loads((tmp_path / "r.json").read_text())["results"]["preftune"]["times"]) == 2
