@@ -90,16 +90,18 @@ def test_failing_rank_fails_the_job_with_its_error(tmp_path, tiny_model_dir):
 
 
 def test_gpu_check_script_runs_at_tiny_size_on_cpu(tmp_path):
+    """(a), (c) and (d) of benchmarks/gpu_check.py. Its (b), FSDP2 with every fast path against
+    one plain process through the CLI, is what test_fastpath_fsdp checks at this size (and
+    more closely); running it here too would add two runs to the suite."""
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.py")
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--tiny", "--out",
-                           str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--tiny", "--skip", "b",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert [c["fallbacks"] for c in report["fast_vs_plain"]] == [[], []]
-    fsdp = report["fsdp_vs_plain"]
-    assert fsdp["fsdp_fallbacks"] == [] and fsdp["first_loss_vs_ln2"] < 1e-5
-    assert fsdp["max_abs_diff"] <= 1e-4 and report["benchmark"]["results"]["preftune"]
+    assert [c["dtype"] for c in report["fast_vs_plain"]] == ["float32", "bfloat16"]
+    assert report["ok"] and report["benchmark"]["results"]["preftune"]["median_s"] > 0
 
 
 def test_lora_two_processes_match_one(tmp_path, tiny_model_dir):
