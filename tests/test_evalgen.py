@@ -97,6 +97,52 @@ def test_eval_of_a_model_against_itself(tmp_path, tiny_model_dir, prompts_file):
         assert [x["text"] for x in s["policy"]] == [x["text"] for x in s["reference"]]
 
 
+def test_eval_reuses_the_reference_samples(tmp_path, tiny_model_dir, prompts_file,
+                                           monkeypatch, capfd):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    entries = tmp_path / "cache" / "preftune" / "reference-samples"
+
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main(["eval", f"model={tiny_model_dir}", f"reference={tiny_model_dir}",
+                     f"dataset={prompts_file}", f"output={out}", "n=2", "max_new_tokens=4",
+                     f"scorer={SCORER}", "batch_size=4", *extra]) == 0
+        return json.loads(out.read_text()), capfd.readouterr().err
+
+    first, err = run("a.json")
+    assert "reference samples: from cache" not in err and len(list(entries.iterdir())) == 1
+    again, err = run("b.json")
+    assert "reference samples: from cache" in err and again == first
+    _, err = run("c.json", "seed=1")  # other settings: sampled, a second entry
+    assert "from cache" not in err and len(list(entries.iterdir())) == 2
+    for entry in entries.iterdir():
+        entry.write_text('{"format": 1, "tokens": [[1]]}')
+    redone, err = run("d.json")
+    assert "damaged reference sample cache entry (expected token ids of 2 samples of each of 5 " \
+           "prompts); sampling again" in err
+    assert redone == first
+
+
+def test_reference_samples_key_covers_weights_and_settings(tiny_model_dir):
+    import torch
+
+    from preftune.evalgen import Settings, samples_key
+    from preftune.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    ids, cpu = [[1, 2, 3], [4, 5]], torch.device("cpu")
+    key = samples_key(model, tokenizer, ids, Settings(), cpu)
+    assert key == samples_key(model, tokenizer, [[1, 2, 3], [4, 5]], Settings(), cpu)
+    others = [samples_key(model, tokenizer, [[1, 2, 3], [4, 6]], Settings(), cpu)]
+    others += [samples_key(model, tokenizer, ids, Settings(**{k: v}), cpu) for k, v in
+               [("n", 5), ("temperature", 0.7), ("top_p", 0.9), ("max_new_tokens", 9),
+                ("seed", 1), ("batch_size", 8)]]
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    others.append(samples_key(model, tokenizer, ids, Settings(), cpu))
+    assert len({key, *others}) == 1 + len(others)
+
+
 def test_eval_of_a_run_uses_its_held_out_prompts_and_reports(tmp_path, tiny_model_dir):
     run = train(DPOConfig(**run_settings(tmp_path, tiny_model_dir, "run", max_steps=1,
                                          eval_examples=6, n_samples=0, lr=1e-3)),

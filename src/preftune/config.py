@@ -93,14 +93,28 @@ def one_line(text: str) -> str:
     return _LINE_BREAKING.sub(escape, text)
 
 
-def _f(group: str, default: Any, help: str, check: str | None = None, required: str = "") -> Any:
-    """A field; `check` names a rule in _CHECKS; `required` fields have no default."""
+def option(group: str, default: Any, help: str, check: str | None = None,
+           required: str = "") -> Any:
+    """A key of a config dataclass: its group and help line for ``--help``, its default, and
+    ``check``, the name of a rule in ``_CHECKS``; ``required`` keys have no default. Commands
+    with keys of their own (``eval``, ``pairs``) declare them with it too."""
     meta = {"help": help, "group": group, "check": check}
     if required:
         return dataclasses.field(metadata={**meta, "required": required})
     if isinstance(default, dict):
         return dataclasses.field(default_factory=dict, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+_f = option  # short, for the many declarations below
+
+
+def coerce_fields(cfg: Any) -> None:
+    """Check every key of a config dataclass against its annotation and check rule, in place
+    (normalised values; the first bad key raises a one-line ``ConfigError``)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, _coerce(f, hints[f.name], getattr(cfg, f.name)))
 
 
 @dataclass

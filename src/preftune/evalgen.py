@@ -17,13 +17,12 @@ import dataclasses
 import json
 import sys
 import time
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import ConfigError, _coerce, _f, config_help, parse_config, read_yaml
+from .config import ConfigError, coerce_fields, config_help, option, parse_config, read_yaml
 from .data.formats import Prompt
 
 
@@ -31,31 +30,30 @@ from .data.formats import Prompt
 class Settings:
     """Keys of a command that samples from a model (shared by ``eval`` and ``pairs``)."""
 
-    tokenizer: str | None = _f("model", None, "tokenizer; null = the model's")
-    dataset: str | None = _f("data", None, "prompts: a preference dataset (its prompts) or JSON "
-                             "lines with a 'prompt' field (text or messages)")
-    dataset_format: str | None = _f("data", None, "row format of a preference dataset; null = "
-                                    "detect")
-    prompts: int | None = _f("data", 64, "distinct prompts used, in file order; null = all",
-                             "> 0")
-    max_prompt_length: int | None = _f("data", None, "max prompt tokens; null = the run's, or "
-                                       "256")
-    truncation: Literal["auto", "keep_end", "keep_start"] | None = _f(
+    tokenizer: str | None = option("model", None, "tokenizer; null = the model's")
+    dataset: str | None = option(
+        "data", None, "prompts: a preference dataset (its prompts) or JSON lines with a 'prompt' "
+        "field (text or messages)")
+    dataset_format: str | None = option(
+        "data", None, "row format of a preference dataset; null = detect")
+    prompts: int | None = option(
+        "data", 64, "distinct prompts used, in file order; null = all", "> 0")
+    max_prompt_length: int | None = option(
+        "data", None, "max prompt tokens; null = the run's, or 256")
+    truncation: Literal["auto", "keep_end", "keep_start"] | None = option(
         "data", None, "prompt truncation; null = the run's, or auto")
-    n: int = _f("eval", 4, "completions sampled per prompt", "> 0")
-    scorer: str = _f("eval", "vader", "vader, reward_model:PATH or python:MODULE:FUNCTION")
-    temperature: float = _f("eval", 1.0, "sampling temperature (KL is exact at 1)", "> 0")
-    top_p: float = _f("eval", 1.0, "nucleus sampling mass in (0, 1] (KL is exact at 1)", "> 0")
-    max_new_tokens: int = _f("eval", 64, "max tokens per completion", "> 0")
-    batch_size: int = _f("run", 16, "completions per forward", "> 0")
-    seed: int = _f("run", 0, "sampling seed", "in [0, 4294967295]")
-    device: Literal["auto", "cpu", "cuda"] = _f("run", "auto", "auto = cuda if available")
-    trust_remote_code: bool = _f("run", False, "allow model code from the hub")
+    n: int = option("eval", 4, "completions sampled per prompt", "> 0")
+    scorer: str = option("eval", "vader", "vader, reward_model:PATH or python:MODULE:FUNCTION")
+    temperature: float = option("eval", 1.0, "sampling temperature (KL is exact at 1)", "> 0")
+    top_p: float = option("eval", 1.0, "nucleus sampling mass in (0, 1] (KL is exact at 1)", "> 0")
+    max_new_tokens: int = option("eval", 64, "max tokens per completion", "> 0")
+    batch_size: int = option("run", 16, "completions per forward", "> 0")
+    seed: int = option("run", 0, "sampling seed", "in [0, 4294967295]")
+    device: Literal["auto", "cpu", "cuda"] = option("run", "auto", "auto = cuda if available")
+    trust_remote_code: bool = option("run", False, "allow model code from the hub")
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f, hints[f.name], getattr(self, f.name)))
+        coerce_fields(self)
         if self.top_p > 1:
             raise ConfigError(f"top_p: expected a float in (0, 1], got {self.top_p}")
 
@@ -64,14 +62,17 @@ class Settings:
 class EvalConfig(Settings):
     """``preftune eval [RUN_DIR] [key=value ...]``."""
 
-    run: str | None = _f("model", None, "a run folder: its final/ against its reference, on "
-                         "its held-out prompts (keys given here win)")
-    model: str | None = _f("model", None, "policy (null = RUN/final)")
-    reference: str | None = _f("model", None, "reference (null = the run's reference)")
-    held_out: bool | None = _f("data", None, "only the slice of dataset a run holds out for "
-                               "eval (eval_examples pairs); null = true for a run's own data")
-    eval_examples: int = _f("data", 256, "size of that held-out slice (a run's: its own)", "> 0")
-    output: str | None = _f("eval", None, "eval.json path; null = RUN/eval.json or ./eval.json")
+    run: str | None = option(
+        "model", None, "a run folder: its final/ against its reference, on its held-out prompts "
+        "(keys given here win)")
+    model: str | None = option("model", None, "policy (null = RUN/final)")
+    reference: str | None = option("model", None, "reference (null = the run's reference)")
+    held_out: bool | None = option(
+        "data", None, "only the slice of dataset a run holds out for eval (eval_examples pairs); "
+        "null = true for a run's own data")
+    eval_examples: int = option(
+        "data", 256, "size of that held-out slice (a run's: its own)", "> 0")
+    output: str | None = option("eval", None, "eval.json path; null = RUN/eval.json or ./eval.json")
 
 
 def resolve(cfg: EvalConfig) -> EvalConfig:
@@ -138,9 +139,10 @@ def read_prompts(source: str, fmt: str | None, tokenizer, *, held_out: int | Non
 
 @dataclass
 class Samples:
-    """``n`` completions per prompt: texts, token counts and summed log-probs under each of
-    the models asked for (all indexed [prompt][sample])."""
+    """``n`` completions per prompt: token ids, texts, token counts and summed log-probs under
+    each of the models asked for (all indexed [prompt][sample])."""
 
+    tokens: list[list[list[int]]]
     texts: list[list[str]]
     lengths: list[list[int]]
     logps: dict[str, list[list[float]]]
@@ -158,8 +160,8 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
 
     pad, eos = pad_id_for(tokenizer), eos_ids(model, tokenizer)
     rows = [i for i in range(len(ids)) for _ in range(cfg.n)]
+    tokens: list[list[int]] = []
     texts: list[str] = []
-    lengths: list[int] = []
     logps: dict[str, list[float]] = {name: [] for name in logp_models or {}}
     torch.manual_seed(cfg.seed)
     begun, tenth = time.monotonic(), max(1, len(rows) // 10)
@@ -176,8 +178,8 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
             logps[name] += completion_logps(scorer_model, prompt, mask, new, new_mask).tolist()
         for row, row_mask in zip(new.tolist(), new_mask.tolist(), strict=True):
             kept = [t for t, m in zip(row, row_mask, strict=True) if m]
+            tokens.append(kept)
             texts.append(tokenizer.decode(kept, skip_special_tokens=True))
-            lengths.append(len(kept))
         done = len(texts)
         if done // tenth > (done - len(batch)) // tenth and done < len(rows):  # ~10 lines
             spent = time.monotonic() - begun
@@ -187,8 +189,80 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
     def per_prompt(values: list) -> list[list]:
         return [values[i : i + cfg.n] for i in range(0, len(values), cfg.n)]
 
-    return Samples(per_prompt(texts), per_prompt(lengths),
+    return Samples(per_prompt(tokens), per_prompt(texts), per_prompt([len(t) for t in tokens]),
                    {name: per_prompt(v) for name, v in logps.items()})
+
+
+# A reference is often evaluated against many times with the same prompts and settings (each run
+# of a sweep, each eval of a run): its samples are stored once, as token ids, under a digest of
+# everything that decides them.
+SAMPLES_FORMAT = 1
+
+
+def samples_key(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, device) -> str:
+    """A hex digest of what decides ``sample_prompts``'s output without ``logp_models``: the
+    model's weights, the prompt tokens, the sampling settings and seed, the batch size (it
+    orders the random draws), the end and pad tokens, the device type and the library
+    versions (their sampling code)."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    from .data import pad_id_for
+    from .evaluate import eos_ids
+    from .reference import weights_digest
+
+    settings = {"format": SAMPLES_FORMAT, "n": cfg.n, "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                "batch_size": cfg.batch_size, "eos": eos_ids(model, tokenizer),
+                "pad": pad_id_for(tokenizer), "device": torch.device(device).type,
+                "torch": torch.__version__, "transformers": transformers.__version__}
+    h = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=20)
+    h.update(weights_digest(model))
+    h.update(json.dumps([list(p) for p in ids]).encode())
+    return h.hexdigest()
+
+
+def reference_samples(model, tokenizer, ids: Sequence[list[int]], cfg: Settings,
+                      device) -> Samples:
+    """``sample_prompts(model, ...)`` (no log-probs), read back from the cache when the same
+    weights sampled the same prompt tokens with the same settings before, else sampled and
+    stored (``$XDG_CACHE_HOME/preftune/reference-samples``). A damaged entry is resampled."""
+    from .models import cache_dir
+
+    key = samples_key(model, tokenizer, ids, cfg, device)
+    path = cache_dir() / "reference-samples" / f"{key}.json"
+    tokens, problem = _read_samples(path, len(ids), cfg.n) if path.is_file() else (None, "")
+    if tokens is not None:
+        print(f"reference samples: from cache ({path})", file=sys.stderr)
+        texts = [[tokenizer.decode(t, skip_special_tokens=True) for t in row] for row in tokens]
+        return Samples(tokens, texts, [[len(t) for t in row] for row in tokens], {})
+    if problem:
+        print(f"preftune: warning: {path}: damaged reference sample cache entry ({problem}); "
+              "sampling again", file=sys.stderr)
+    samples = sample_prompts(model, tokenizer, ids, cfg, device)
+    try:
+        write_json(path, {"format": SAMPLES_FORMAT, "tokens": samples.tokens})
+    except OSError as e:  # costs only the reuse
+        print(f"preftune: warning: cannot write the reference sample cache in {path.parent} "
+              f"({e.strerror or e}); going on without it", file=sys.stderr)
+    return samples
+
+
+def _read_samples(path: Path, prompts: int, n: int) -> tuple[list | None, str]:
+    """The token ids of a cache entry ([prompt][sample]), or None and what is wrong."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return None, f"unreadable: {' '.join(str(e).split())[:120]}"
+    tokens = entry.get("tokens") if isinstance(entry, dict) else None
+    if not (isinstance(tokens, list) and len(tokens) == prompts
+            and all(isinstance(row, list) and len(row) == n for row in tokens)
+            and all(isinstance(t, list) and all(type(i) is int for i in t)
+                    for row in tokens for t in row)):
+        return None, f"expected token ids of {n} samples of each of {prompts} prompts"
+    return tokens, ""
 
 
 def device_for(setting: str):
@@ -230,7 +304,7 @@ def evaluate_generations(cfg: EvalConfig) -> dict[str, Any]:
           file=sys.stderr)
     ours = sample_prompts(policy, tokenizer, ids, cfg, device,
                           {"policy": policy, "reference": reference})
-    theirs = sample_prompts(reference, tokenizer, ids, cfg, device)
+    theirs = reference_samples(reference, tokenizer, ids, cfg, device)
     scores = {name: [scorer(texts) for texts in s.texts]
               for name, s in (("policy", ours), ("reference", theirs))}
 
@@ -356,7 +430,7 @@ def training_judge(cfg, tokenizer, prompts: list[list[int]], device):
                                   device).requires_grad_(False)
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
-        theirs = sample_prompts(reference, tokenizer, prompts, settings, device)
+        theirs = reference_samples(reference, tokenizer, prompts, settings, device)
     their_scores = [scorer(texts) for texts in theirs.texts]
 
     def judge(policy) -> dict[str, float]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import ConfigError, _f
+from .config import ConfigError, option
 from .data.formats import Prompt
 from .evalgen import Settings
 
@@ -28,15 +28,16 @@ from .evalgen import Settings
 class PairsConfig(Settings):
     """``preftune pairs model=... dataset=... output=... [key=value ...]``."""
 
-    dataset: str | None = _f("data", None, "prompts: a preference dataset (its prompts) or JSON "
-                             "lines with a 'prompt' field (text or messages)",
-                             required="a local file or a hub dataset name")
-    model: str | None = _f("model", None, "the model to sample from",
-                           required="a local Hugging Face folder, a hub id, or an alias")
-    pairs: Literal["best_worst", "all"] = _f("eval", "best_worst", "per prompt: its best "
-                                             "sample against its worst, or every ordered pair")
-    output: str | None = _f("eval", None, "the JSONL file to write",
-                            required="a .jsonl path")
+    dataset: str | None = option(
+        "data", None, "prompts: a preference dataset (its prompts) or JSON lines with a 'prompt' "
+        "field (text or messages)", required="a local file or a hub dataset name")
+    model: str | None = option(
+        "model", None, "the model to sample from",
+        required="a local Hugging Face folder, a hub id, or an alias")
+    pairs: Literal["best_worst", "all"] = option(
+        "eval", "best_worst", "per prompt: its best sample against its worst, or every ordered "
+        "pair")
+    output: str | None = option("eval", None, "the JSONL file to write", required="a .jsonl path")
 
 
 def rank_pairs(scores: Sequence[float], mode: str) -> list[tuple[int, int]]:
