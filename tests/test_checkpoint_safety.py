@@ -16,7 +16,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from preftune import checkpoint, models
-from preftune.checkpoint import CheckpointError
+from preftune.checkpoint import CheckpointError, disk_needed
 from preftune.config import ConfigError, DPOConfig
 from preftune.distributed import World
 from preftune.train import find_resume_point, preflight
@@ -277,6 +277,18 @@ def test_resume_removes_interrupted_writes_before_checking_space(tmp_path, tiny_
         preflight(cfg, run)  # a new run touches nothing
     preflight(dataclasses.replace(cfg, resume="true"), run)
     assert [p.exists() for p in stale + mine] == [False, False, True, True, True]
+
+
+def test_disk_estimate_counts_the_runs_dtype_not_the_files(tmp_path):
+    """A bf16 model folder trained with float32 master weights (the default, also under
+    dtype=bfloat16) saves checkpoints and an export twice the size of its files."""
+    folder = tmp_path / "bf16"
+    tiny_llama(vocab_size=256).to(torch.bfloat16).save_pretrained(folder)
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    run = tmp_path / "run"
+    # AdamW, 2 kept: 3 checkpoints of 3x the weights coexist at the peak
+    assert disk_needed(folder, run, keep=2, optimizer_states=2) == 9 * 2 * weights
+    assert disk_needed(folder, run, keep=2, optimizer_states=2, element_size=2) == 9 * weights
 
 
 def test_preflight_budgets_every_checkpoint_that_coexists(tmp_path, tiny_model_dir,

@@ -6,7 +6,7 @@ import torch
 from preftune.evaluate import completion_logps, completion_mask, sample
 from preftune.winrate import Z95, kl_estimate, mean_interval, win_rate
 
-from .conftest import tiny_llama
+from .conftest import tiny_gpt2, tiny_llama
 
 
 def test_win_rate_counts_ties_apart():
@@ -78,9 +78,13 @@ def test_kl_estimate_matches_exact_sequence_kl():
     torch.manual_seed(0)
     n = 4000
     prompts, mask = prompt.expand(n, -1), torch.ones(n, 2, dtype=torch.long)
-    new, new_mask = sample(policy, prompts, mask, max_new_tokens=2, pad_token_id=0, eos=[])
+    new, new_mask, own = sample(policy, prompts, mask, max_new_tokens=2, pad_token_id=0, eos=[],
+                                logps=True)
     assert new.shape == (n, 2) and bool(new_mask.all())
-    est = kl_estimate(completion_logps(policy, prompts, mask, new, new_mask).tolist(),
+    # the log-probs read off the sampling logits are the recomputed ones
+    torch.testing.assert_close(own, completion_logps(policy, prompts, mask, new, new_mask),
+                               rtol=1e-5, atol=1e-5)
+    est = kl_estimate(own.tolist(),
                       completion_logps(reference, prompts, mask, new, new_mask).tolist())
     assert est["n"] == n and est["stderr"] < 0.1 * exact
     assert abs(est["mean"] - exact) < 3 * est["stderr"]
@@ -96,3 +100,36 @@ def test_completion_logps_left_padding_and_eos():
     padded = completion_logps(model, torch.tensor([[0, 0, 3, 1]]), torch.tensor([[0, 0, 1, 1]]),
                               new, completion_mask(new, [2]))
     assert padded.item() == pytest.approx(full.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_completion_logps_equal_the_full_logits_computation(family):
+    """Logits kept for completion positions only (``logits_to_keep``) give the numbers of
+    the naive log-softmax over every position's logits."""
+    model = (tiny_llama if family == "llama" else tiny_gpt2)(vocab_size=97, seed=3)
+    torch.manual_seed(0)
+    prompt, new = torch.randint(1, 97, (3, 5)), torch.randint(1, 97, (3, 4))
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1] * 5, [0, 1, 1, 1, 1]])
+    new_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    mask = torch.cat([prompt_mask, new_mask], 1)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt, new], 1), attention_mask=mask,
+                       position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    naive = logits[:, 4:-1].log_softmax(-1).gather(2, new.unsqueeze(-1)).squeeze(-1)
+    expected = (naive * new_mask).sum(1)
+    torch.testing.assert_close(completion_logps(model, prompt, prompt_mask, new, new_mask),
+                               expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_log_probs_with_padding_and_eos():
+    """Left-padded prompts, rows that end at EOS early: the log-probs read off the sampling
+    logits equal ``completion_logps`` of the same completions."""
+    model = tiny_llama(vocab_size=11, seed=1)
+    torch.manual_seed(0)
+    prompts = torch.tensor([[0, 0, 3, 4], [5, 6, 7, 8], [0, 9, 1, 2]] * 4)
+    mask = (prompts != 0).long()
+    new, new_mask, own = sample(model, prompts, mask, max_new_tokens=6, pad_token_id=0,
+                                eos=[10], logps=True)
+    assert 0 < int(new_mask.sum()) < new_mask.numel()  # some rows stopped at EOS
+    torch.testing.assert_close(own, completion_logps(model, prompts, mask, new, new_mask),
+                               rtol=1e-5, atol=1e-5)

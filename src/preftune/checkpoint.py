@@ -482,7 +482,8 @@ def _dcp_error(error: BaseException) -> str:
 
 
 def disk_needed(model_dir: Path, run_dir: Path, *, keep: int, optimizer_states: int,
-                lora_r: int | None = None, merged_export: bool = True) -> int:
+                lora_r: int | None = None, merged_export: bool = True,
+                element_size: int = 4) -> int:
     """Bytes the run's checkpoints and export still need at their peak, estimated from the
     weight files in ``model_dir`` (bytes of checkpoints already in ``run_dir`` are deducted).
 
@@ -491,17 +492,37 @@ def disk_needed(model_dir: Path, run_dir: Path, *, keep: int, optimizer_states: 
     after the last save's prune, beside ``keep`` of them. LoRA checkpoints (and an adapter
     export) hold adapters only: rank r on a d-wide layer is about 2r/d of its weights, budgeted
     as 8r/hidden_size (float32 adapters over 16-bit weights; narrower key/value projections).
+    ``element_size``: bytes per weight the run keeps and saves (4: float32 master weights, also
+    under bf16 mixed precision; 2: pure bf16), against the weight files' own.
     """
     weights = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin")
                   for f in model_dir.glob(pattern))
-    fraction = 1.0 if lora_r is None else _adapter_fraction(model_dir, lora_r)
-    one = weights * fraction * (1 + optimizer_states)
-    export = weights if merged_export else weights * fraction
+    full = weights * element_size / _file_element_size(model_dir)  # in the run's dtype
+    trained = full if lora_r is None else weights * _adapter_fraction(model_dir, lora_r)
+    one = trained * (1 + optimizer_states)
+    export = full if merged_export else trained
     peak = max((keep + 1) * one, keep * one + export)
     root = run_dir / "checkpoints"
     existing = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() \
         else 0
     return max(0, int(peak) - existing)
+
+
+_ELEMENT_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def _file_element_size(model_dir: Path) -> int:
+    """Bytes per element of the largest tensor in the first safetensors file's header (4 when
+    unknown: a .bin file or an unreadable header)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    try:
+        with files[0].open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        tensors = [t for name, t in header.items() if name != "__metadata__"]
+        largest = max(tensors, key=lambda t: t["data_offsets"][1] - t["data_offsets"][0])
+        return _ELEMENT_SIZES.get(largest["dtype"], 4)
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        return 4
 
 
 def _adapter_fraction(model_dir: Path, rank: int) -> float:

@@ -159,8 +159,17 @@ def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, torch.Ten
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(
+    weights = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Gathering copies each name apart: a tied weight (embedding and output layer) comes back
+    # as two tensors, and an export would store it twice. Share them again, as an unsharded
+    # model's state dict does.
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        kept = first.setdefault(id(param), name)
+        if kept != name and name in weights and kept in weights:
+            weights[name] = weights[kept]
+    return weights
 
 
 def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

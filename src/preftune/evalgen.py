@@ -7,6 +7,7 @@ same seed for both, so identical models give identical samples), scored by a sco
 reference with ties apart, each one's mean score with a 95% interval, the sequence
 KL(policy || reference) from the policy's samples, and completion lengths. The result is
 ``eval.json`` (with every sample); for a run folder it also becomes a section of the report.
+The reference's samples are cached (``reference_samples``): a sweep samples it once.
 
 The prompt reading and sampling here serve ``preftune pairs`` (``preftune.pairs``) too.
 """
@@ -171,11 +172,14 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
         prompt = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
                             device=device)
-        new, new_mask = sample(model, prompt, mask, max_new_tokens=cfg.max_new_tokens,
-                               pad_token_id=pad, eos=eos, temperature=cfg.temperature,
-                               top_p=cfg.top_p)
+        own = any(m is model for m in (logp_models or {}).values())
+        new, new_mask, own_logps = sample(
+            model, prompt, mask, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, eos=eos,
+            temperature=cfg.temperature, top_p=cfg.top_p, logps=own)
         for name, scorer_model in (logp_models or {}).items():
-            logps[name] += completion_logps(scorer_model, prompt, mask, new, new_mask).tolist()
+            values = own_logps if scorer_model is model else \
+                completion_logps(scorer_model, prompt, mask, new, new_mask)
+            logps[name] += values.tolist()  # type: ignore[union-attr]
         for row, row_mask in zip(new.tolist(), new_mask.tolist(), strict=True):
             kept = [t for t, m in zip(row, row_mask, strict=True) if m]
             tokens.append(kept)

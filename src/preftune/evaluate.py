@@ -92,24 +92,34 @@ def completion_mask(new_ids: Tensor, eos: list[int]) -> Tensor:
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *,
            max_new_tokens: int, pad_token_id: int, eos: list[int], temperature: float = 1.0,
-           top_p: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Sampled completions of left-padded prompts: new token ids ``[B, T]`` and their
-    ``completion_mask``. The sampling distribution is softmax(logits / temperature) cut to its
-    top-p nucleus: the model's own settings of top-k, repetition penalty, typical-p and n-gram
-    blocking are overridden. Randomness comes from torch's global generator (seed it before)."""
+           top_p: float = 1.0, logps: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Sampled completions of left-padded prompts: new token ids ``[B, T]``, their
+    ``completion_mask`` and, with ``logps``, the summed log-probability ``[B]`` of each
+    completion under ``model`` (float32), read off the logits the sampling drew from: what
+    ``completion_logps`` recomputes, without its forward. The sampling distribution is
+    softmax(logits / temperature) cut to its top-p nucleus: the model's own settings of top-k,
+    repetition penalty, typical-p and n-gram blocking are overridden. Randomness comes from
+    torch's global generator (seed it before)."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                               repetition_penalty=1.0, typical_p=1.0, no_repeat_ngram_size=0,
                               max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                              eos_token_id=eos or None)
+                              eos_token_id=eos or None, output_logits=logps,
+                              return_dict_in_generate=True)
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                          generation_config=config)
     model.train(was_training)
-    new_ids = out[:, prompt_ids.shape[1]:]
-    return new_ids, completion_mask(new_ids, eos)
+    new_ids = out.sequences[:, prompt_ids.shape[1]:]
+    mask = completion_mask(new_ids, eos)
+    if not logps:
+        return new_ids, mask, None
+    token = torch.stack([  # the raw logits of each step, before temperature and top-p
+        step.float().gather(1, new_ids[:, i : i + 1]).squeeze(1) - step.float().logsumexp(-1)
+        for i, step in enumerate(out.logits)], dim=1)
+    return new_ids, mask, (token * mask).sum(1)
 
 
 @torch.no_grad()
@@ -123,8 +133,23 @@ def completion_logps(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Te
     ids = torch.cat([prompt_ids, new_ids], dim=1)
     mask = torch.cat([prompt_mask, new_mask], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    keep = new_ids.shape[1] + 1  # the output layer only where a completion token is predicted:
+    # prompt positions would be most of the [B, T, vocab] logits and of the time
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   **_keep_last(model, keep)).logits
     model.train(was_training)
-    logits = logits[:, prompt_ids.shape[1] - 1 : -1].float()
-    token = torch.gather(logits.log_softmax(-1), 2, new_ids.unsqueeze(-1)).squeeze(-1)
+    logits = logits[:, -keep:-1].float()
+    token = logits.gather(2, new_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (token * new_mask).sum(1)
+
+
+def _keep_last(model: torch.nn.Module, n: int) -> dict[str, int]:
+    """The forward argument that limits logits to the last ``n`` positions, where the model
+    has one (``logits_to_keep``; ``num_logits_to_keep`` before transformers 4.50)."""
+    import inspect
+
+    names = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in names:
+            return {name: n}
+    return {}

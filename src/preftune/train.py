@@ -254,7 +254,8 @@ def preflight(cfg: TrainConfig, out: Path) -> None:
     need = disk_needed(folder, out, keep=cfg.keep_checkpoints,
                        optimizer_states=1 if cfg.optimizer == "rmsprop" else 2,
                        lora_r=cfg.lora_r if cfg.lora else None,
-                       merged_export=not cfg.lora or cfg.lora_export == "merged")
+                       merged_export=not cfg.lora or cfg.lora_export == "merged",
+                       element_size=weights_dtype(cfg).itemsize)
     free = shutil.disk_usage(out).free
     if free < need:
         raise ConfigError(f"output_dir: {out} has {free / 1e9:.2f} GB free; {cfg.keep_checkpoints} "
