@@ -102,34 +102,62 @@ def test_completion_logps_left_padding_and_eos():
     assert padded.item() == pytest.approx(full.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_completion_logps_equal_the_full_logits_computation(family):
-    """Logits kept for completion positions only (``logits_to_keep``) give the numbers of
-    the naive log-softmax over every position's logits."""
-    model = (tiny_llama if family == "llama" else tiny_gpt2)(vocab_size=97, seed=3)
-    torch.manual_seed(0)
-    prompt, new = torch.randint(1, 97, (3, 5)), torch.randint(1, 97, (3, 4))
-    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1] * 5, [0, 1, 1, 1, 1]])
-    new_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+def _naive_logps(model, prompt, prompt_mask, new, new_mask):
+    """Summed completion log-probs from one full forward and a log-softmax over every
+    position's logits."""
     mask = torch.cat([prompt_mask, new_mask], 1)
     with torch.no_grad():
         logits = model(input_ids=torch.cat([prompt, new], 1), attention_mask=mask,
                        position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-    naive = logits[:, 4:-1].log_softmax(-1).gather(2, new.unsqueeze(-1)).squeeze(-1)
-    expected = (naive * new_mask).sum(1)
+    width = prompt.shape[1]
+    token = logits[:, width - 1 : -1].log_softmax(-1).gather(2, new.unsqueeze(-1)).squeeze(-1)
+    return (token * new_mask).sum(1)
+
+
+def _batch_sizes(model):
+    """The batch size of every forward of ``model``, recorded by a pre-hook."""
+    sizes = []
+    model.register_forward_pre_hook(lambda m, a, kw: sizes.append(
+        (a[0] if a else kw["input_ids"]).shape[0]), with_kwargs=True)
+    return sizes
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("repeated", [False, True])
+def test_completion_logps_equal_the_full_logits_computation(family, repeated):
+    """Logits kept for completion positions only (``logits_to_keep``), or each distinct
+    prompt run once with its cache shared by its rows, give the numbers of the naive
+    log-softmax over every position's logits."""
+    model = (tiny_llama if family == "llama" else tiny_gpt2)(vocab_size=97, seed=3)
+    torch.manual_seed(0)
+    prompt, new = torch.randint(1, 97, (3, 5)), torch.randint(1, 97, (3, 4))
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1] * 5, [0, 1, 1, 1, 1]])
+    if repeated:  # two samples of the first prompt, three of the second, one of the third
+        rows = torch.tensor([0, 0, 1, 1, 1, 2])
+        prompt, prompt_mask, new = prompt[rows], prompt_mask[rows], torch.randint(1, 97, (6, 4))
+    new_mask = torch.ones_like(new)
+    new_mask[1, 2:] = new_mask[2, 1:] = 0
+    sizes = _batch_sizes(model)
     torch.testing.assert_close(completion_logps(model, prompt, prompt_mask, new, new_mask),
-                               expected, rtol=1e-5, atol=1e-5)
+                               _naive_logps(model, prompt, prompt_mask, new, new_mask),
+                               rtol=1e-5, atol=1e-5)
+    assert sizes[0] == (3 if repeated else len(prompt))  # each distinct prompt once
 
 
-def test_sampling_log_probs_with_padding_and_eos():
-    """Left-padded prompts, rows that end at EOS early: the log-probs read off the sampling
-    logits equal ``completion_logps`` of the same completions."""
+@pytest.mark.parametrize("repeated", [False, True])
+def test_sampling_log_probs_with_padding_and_eos(repeated):
+    """Left-padded prompts, rows that end at EOS early, each distinct prompt prefilled once
+    when its samples are neighbours: the log-probs read off the sampling logits equal the
+    naive computation's for the same completions."""
     model = tiny_llama(vocab_size=11, seed=1)
     torch.manual_seed(0)
-    prompts = torch.tensor([[0, 0, 3, 4], [5, 6, 7, 8], [0, 9, 1, 2]] * 4)
+    prompts = torch.tensor([[0, 0, 3, 4], [5, 6, 7, 8], [0, 9, 1, 2]])
+    prompts = prompts.repeat_interleave(4, 0) if repeated else prompts.repeat(4, 1)
     mask = (prompts != 0).long()
+    sizes = _batch_sizes(model)
     new, new_mask, own = sample(model, prompts, mask, max_new_tokens=6, pad_token_id=0,
                                 eos=[10], logps=True)
+    assert sizes[0] == (3 if repeated else 12)  # the shared prefill: one row per prompt
     assert 0 < int(new_mask.sum()) < new_mask.numel()  # some rows stopped at EOS
-    torch.testing.assert_close(own, completion_logps(model, prompts, mask, new, new_mask),
+    torch.testing.assert_close(own, _naive_logps(model, prompts, mask, new, new_mask),
                                rtol=1e-5, atol=1e-5)

@@ -200,7 +200,7 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
 # A reference is often evaluated against many times with the same prompts and settings (each run
 # of a sweep, each eval of a run): its samples are stored once, as token ids, under a digest of
 # everything that decides them.
-SAMPLES_FORMAT = 1
+SAMPLES_FORMAT = 2  # 2: a shared prompt prefill (other rounding than 1)
 
 
 def samples_key(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, device) -> str:

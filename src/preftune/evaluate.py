@@ -109,8 +109,11 @@ def sample(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *,
                               return_dict_in_generate=True)
     was_training = model.training
     model.eval()
+    # n samples of a prompt: its tokens but the last run once, generate goes on from there
+    shared = _shared_prefill(model, prompt_ids, prompt_mask, prompt_ids.shape[1] - 1)
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         generation_config=config)
+                         generation_config=config,
+                         **({} if shared is None else {_cache_name(model): shared[0]}))
     model.train(was_training)
     new_ids = out.sequences[:, prompt_ids.shape[1]:]
     mask = completion_mask(new_ids, eos)
@@ -133,14 +136,52 @@ def completion_logps(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Te
     ids = torch.cat([prompt_ids, new_ids], dim=1)
     mask = torch.cat([prompt_mask, new_mask], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    keep = new_ids.shape[1] + 1  # the output layer only where a completion token is predicted:
-    # prompt positions would be most of the [B, T, vocab] logits and of the time
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   **_keep_last(model, keep)).logits
+    width = prompt_ids.shape[1]
+    shared = _shared_prefill(model, prompt_ids, prompt_mask, width)
+    if shared is not None:  # each distinct prompt once; the completions attend to its cache
+        cache, last = shared
+        rest = model(input_ids=new_ids, attention_mask=mask, position_ids=positions[:, width:],
+                     use_cache=True, **{_cache_name(model): cache}).logits
+        logits = torch.cat([last.unsqueeze(1), rest[:, :-1]], dim=1)
+    else:
+        keep = new_ids.shape[1] + 1  # the output layer only where a completion token is
+        # predicted: prompt positions would be most of the [B, T, vocab] logits and time
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                       **_keep_last(model, keep)).logits[:, -keep:-1]
     model.train(was_training)
-    logits = logits[:, -keep:-1].float()
+    logits = logits.float()
     token = logits.gather(2, new_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (token * new_mask).sum(1)
+
+
+def _shared_prefill(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                    length: int) -> tuple[object, Tensor] | None:
+    """Where neighbouring rows hold the same prompt (the ``n`` samples of each), run each
+    distinct prompt once over its first ``length`` positions and expand its KV cache to every
+    row: (the cache, each row's logits at position ``length - 1``). None when no rows repeat
+    or the model's cache cannot be expanded; the caller then runs every row in full."""
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(1)
+    if length < 1 or not bool(same.any()):
+        return None
+    group = torch.cat([same.new_zeros(1, dtype=torch.long), (~same).long().cumsum(0)])
+    first = torch.cat([same.new_ones(1), ~same]).nonzero().squeeze(1)
+    ids, mask = prompt_ids[first, :length], prompt_mask[first, :length]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                use_cache=True, **_keep_last(model, 1))
+    cache = getattr(out, _cache_name(model), None)
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(group)  # type: ignore[union-attr]
+    return cache, out.logits[:, -1][group]
+
+
+def _cache_name(model: torch.nn.Module) -> str:
+    """What the model's forward (and output) call its KV cache: ``cache`` from transformers
+    5.24, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
 
 
 def _keep_last(model: torch.nn.Module, n: int) -> dict[str, int]:
