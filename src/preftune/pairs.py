@@ -91,6 +91,7 @@ def run_pairs_command(cfg: PairsConfig) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     ties = sum(not rank_pairs(s, "best_worst") for s in scores)
-    print(f"{len(rows)} pairs from {len(prompts)} prompts ({ties} prompts with all samples "
-          f"tied: no pair) written to {out}")
+    print(f"{len(rows)} pairs from {len(prompts)} prompts ({ties} "
+          f"{'prompt' if ties == 1 else 'prompts'} with all samples tied: no pair) written to "
+          f"{out}")
     return 0
