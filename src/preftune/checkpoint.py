@@ -24,7 +24,6 @@ import pickle
 import random
 import re
 import shutil
-import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from .distributed import World, barrier, load_sharded, read_dcp_metadata, save_sharded
 from .io import atomic_write, publish_dir
+from .tracking import warn
 
 STATE_FILE = "state.pt"
 DCP_DIR = "dcp"
@@ -274,8 +274,7 @@ def resume_point(run_dir: Path) -> Path | None:
             damaged.append(e)
             continue
         if damaged and os.environ.get("RANK", "0") == "0":
-            print(f"preftune: warning: {damaged[0]}; resuming from {path} instead",
-                  file=sys.stderr)
+            warn(f"{damaged[0]}; resuming from {path} instead")
         return path
     if damaged:
         raise CheckpointError(f"{damaged[0]}; no older checkpoint verifies either")

@@ -145,8 +145,11 @@ class Samples:
 
     tokens: list[list[list[int]]]
     texts: list[list[str]]
-    lengths: list[list[int]]
     logps: dict[str, list[list[float]]]
+
+    @property
+    def lengths(self) -> list[list[int]]:
+        return [[len(t) for t in row] for row in self.tokens]
 
 
 def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, device,
@@ -161,8 +164,8 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
 
     pad, eos = pad_id_for(tokenizer), eos_ids(model, tokenizer)
     rows = [i for i in range(len(ids)) for _ in range(cfg.n)]
+    own = any(m is model for m in (logp_models or {}).values())  # its log-probs come free
     tokens: list[list[int]] = []
-    texts: list[str] = []
     logps: dict[str, list[float]] = {name: [] for name in logp_models or {}}
     torch.manual_seed(cfg.seed)
     begun, tenth = time.monotonic(), max(1, len(rows) // 10)
@@ -172,7 +175,6 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
         prompt = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
                             device=device)
-        own = any(m is model for m in (logp_models or {}).values())
         new, new_mask, own_logps = sample(
             model, prompt, mask, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, eos=eos,
             temperature=cfg.temperature, top_p=cfg.top_p, logps=own)
@@ -181,10 +183,8 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
                 completion_logps(scorer_model, prompt, mask, new, new_mask)
             logps[name] += values.tolist()  # type: ignore[union-attr]
         for row, row_mask in zip(new.tolist(), new_mask.tolist(), strict=True):
-            kept = [t for t, m in zip(row, row_mask, strict=True) if m]
-            tokens.append(kept)
-            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
-        done = len(texts)
+            tokens.append([t for t, m in zip(row, row_mask, strict=True) if m])
+        done = len(tokens)
         if done // tenth > (done - len(batch)) // tenth and done < len(rows):  # ~10 lines
             spent = time.monotonic() - begun
             print(f"  {done}/{len(rows)} completions, {duration(spent)} elapsed, about "
@@ -193,8 +193,15 @@ def sample_prompts(model, tokenizer, ids: Sequence[list[int]], cfg: Settings, de
     def per_prompt(values: list) -> list[list]:
         return [values[i : i + cfg.n] for i in range(0, len(values), cfg.n)]
 
-    return Samples(per_prompt(tokens), per_prompt(texts), per_prompt([len(t) for t in tokens]),
-                   {name: per_prompt(v) for name, v in logps.items()})
+    return decoded(tokenizer, per_prompt(tokens), {name: per_prompt(v) for name, v in
+                                                   logps.items()})
+
+
+def decoded(tokenizer, tokens: list[list[list[int]]],
+            logps: dict[str, list[list[float]]] | None = None) -> Samples:
+    """``Samples`` of completion token ids ([prompt][sample]), their texts decoded."""
+    texts = [[tokenizer.decode(t, skip_special_tokens=True) for t in row] for row in tokens]
+    return Samples(tokens, texts, logps or {})
 
 
 # A reference is often evaluated against many times with the same prompts and settings (each run
@@ -234,23 +241,22 @@ def reference_samples(model, tokenizer, ids: Sequence[list[int]], cfg: Settings,
     weights sampled the same prompt tokens with the same settings before, else sampled and
     stored (``$XDG_CACHE_HOME/preftune/reference-samples``). A damaged entry is resampled."""
     from .models import cache_dir
+    from .tracking import warn
 
     key = samples_key(model, tokenizer, ids, cfg, device)
     path = cache_dir() / "reference-samples" / f"{key}.json"
     tokens, problem = _read_samples(path, len(ids), cfg.n) if path.is_file() else (None, "")
     if tokens is not None:
         print(f"reference samples: from cache ({path})", file=sys.stderr)
-        texts = [[tokenizer.decode(t, skip_special_tokens=True) for t in row] for row in tokens]
-        return Samples(tokens, texts, [[len(t) for t in row] for row in tokens], {})
+        return decoded(tokenizer, tokens)
     if problem:
-        print(f"preftune: warning: {path}: damaged reference sample cache entry ({problem}); "
-              "sampling again", file=sys.stderr)
+        warn(f"{path}: damaged reference sample cache entry ({problem}); sampling again")
     samples = sample_prompts(model, tokenizer, ids, cfg, device)
     try:
         write_json(path, {"format": SAMPLES_FORMAT, "tokens": samples.tokens})
     except OSError as e:  # costs only the reuse
-        print(f"preftune: warning: cannot write the reference sample cache in {path.parent} "
-              f"({e.strerror or e}); going on without it", file=sys.stderr)
+        warn(f"cannot write the reference sample cache in {path.parent} "
+             f"({e.strerror or e}); going on without it")
     return samples
 
 

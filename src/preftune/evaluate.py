@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .logprobs import IGNORE_INDEX, sequence_logps
+
 Objective = Callable[..., tuple[Tensor, Counter]]
 
 
@@ -119,10 +121,14 @@ def sample(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *,
     mask = completion_mask(new_ids, eos)
     if not logps:
         return new_ids, mask, None
-    token = torch.stack([  # the raw logits of each step, before temperature and top-p
-        step.float().gather(1, new_ids[:, i : i + 1]).squeeze(1) - step.float().logsumexp(-1)
-        for i, step in enumerate(out.logits)], dim=1)
+    token = torch.stack([_step_logps(step.float(), new_ids[:, i])  # raw: before temperature
+                         for i, step in enumerate(out.logits)], dim=1)  # and top-p
     return new_ids, mask, (token * mask).sum(1)
+
+
+def _step_logps(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log p(token) of one decoding step: logits [B, V], tokens [B]."""
+    return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
 
 
 @torch.no_grad()
@@ -137,21 +143,22 @@ def completion_logps(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Te
     mask = torch.cat([prompt_mask, new_mask], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     width = prompt_ids.shape[1]
+    # logits at the last prompt position and every completion position: [B, T + 1, V]
     shared = _shared_prefill(model, prompt_ids, prompt_mask, width)
     if shared is not None:  # each distinct prompt once; the completions attend to its cache
         cache, last = shared
         rest = model(input_ids=new_ids, attention_mask=mask, position_ids=positions[:, width:],
-                     use_cache=True, **{_cache_name(model): cache}).logits
-        logits = torch.cat([last.unsqueeze(1), rest[:, :-1]], dim=1)
-    else:
-        keep = new_ids.shape[1] + 1  # the output layer only where a completion token is
-        # predicted: prompt positions would be most of the [B, T, vocab] logits and time
+                     use_cache=True, **{_cache_name(model): cache})
+        logits = torch.cat([last.unsqueeze(1), rest.logits], dim=1)
+    else:  # the output layer only at those positions: prompt positions would be most of the
+        # [B, L, V] logits and of the time
+        keep = new_ids.shape[1] + 1
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       **_keep_last(model, keep)).logits[:, -keep:-1]
+                       **_keep_last(model, keep)).logits[:, -keep:]
     model.train(was_training)
-    logits = logits.float()
-    token = logits.gather(2, new_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return (token * new_mask).sum(1)
+    labels = torch.cat([torch.full_like(new_ids[:, :1], IGNORE_INDEX),
+                        new_ids.masked_fill(new_mask == 0, IGNORE_INDEX)], dim=1)
+    return sequence_logps(logits, labels)
 
 
 def _shared_prefill(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
@@ -175,22 +182,23 @@ def _shared_prefill(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Ten
     return cache, out.logits[:, -1][group]
 
 
-def _cache_name(model: torch.nn.Module) -> str:
-    """What the model's forward (and output) call its KV cache: ``cache`` from transformers
-    5.24, ``past_key_values`` before."""
+def _forward_name(model: torch.nn.Module, *names: str) -> str | None:
+    """The first of ``names`` that ``model.forward`` takes, or None (transformers renames
+    arguments between versions)."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters \
-        else "past_key_values"
+    taken = inspect.signature(model.forward).parameters
+    return next((name for name in names if name in taken), None)
+
+
+def _cache_name(model: torch.nn.Module) -> str:
+    """The KV cache argument (and output field): ``cache`` from transformers 5.24,
+    ``past_key_values`` before."""
+    return _forward_name(model, "cache") or "past_key_values"
 
 
 def _keep_last(model: torch.nn.Module, n: int) -> dict[str, int]:
     """The forward argument that limits logits to the last ``n`` positions, where the model
     has one (``logits_to_keep``; ``num_logits_to_keep`` before transformers 4.50)."""
-    import inspect
-
-    names = inspect.signature(model.forward).parameters
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in names:
-            return {name: n}
-    return {}
+    name = _forward_name(model, "logits_to_keep", "num_logits_to_keep")
+    return {} if name is None else {name: n}

@@ -20,12 +20,12 @@ there uses bf16 copies of the weights as FSDP2 does (``parameters_in``).
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 
 import torch
 
 from .config import TrainConfig
+from .tracking import warn
 
 # bf16 has 8 significant bits: a weight w moves only by steps of at least 2^-8 x |w| or so.
 BF16_RESOLUTION = 2.0 ** -8
@@ -92,7 +92,7 @@ def check_learning_rate(cfg: TrainConfig, model: torch.nn.Module, *, show: bool 
     if magnitude is None or cfg.lr >= BF16_RESOLUTION * magnitude:
         return False
     if show:
-        print(f"preftune: warning: master_weights=bfloat16: lr {cfg.lr:g} is below 2^-8 x the "
-              f"mean |weight| ({BF16_RESOLUTION * magnitude:.2g}): most updates round away in "
-              "bf16 weights; master_weights=float32 keeps them", file=sys.stderr)
+        warn(f"master_weights=bfloat16: lr {cfg.lr:g} is below 2^-8 x the mean |weight| "
+             f"({BF16_RESOLUTION * magnitude:.2g}): most updates round away in bf16 weights; "
+             "master_weights=float32 keeps them")
     return True

@@ -34,6 +34,7 @@ from .distributed import World, share
 from .io import atomic_write
 from .logprobs import PairLogps, concatenated_logps
 from .lora import reference_view
+from .tracking import warn
 
 Example = dict[str, list[int]]
 KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -246,7 +247,7 @@ def cached_reference_logps(
     if hit:
         return cached, True  # type: ignore[return-value]
     if problem and world.main:
-        _warn(f"{path}: damaged reference log-prob cache entry ({problem}); recomputing it")
+        warn(f"{path}: damaged reference log-prob cache entry ({problem}); recomputing it")
     if logps is None:
         def logps(m, batch):
             return concatenated_logps(m, batch, average=average, ld_alpha=ld_alpha)
@@ -280,12 +281,8 @@ def _write_entry(path: Path, chosen: torch.Tensor, rejected: torch.Tensor) -> No
         atomic_write(path, lambda tmp: save_file({"chosen": chosen, "rejected": rejected}, tmp),
                      tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"))
     except OSError as e:
-        _warn(f"cannot write the reference log-prob cache in {path.parent} "
+        warn(f"cannot write the reference log-prob cache in {path.parent} "
               f"({e.strerror or e}); training goes on without it")
-
-
-def _warn(message: str) -> None:
-    print(f"preftune: warning: {message}", file=sys.stderr)
 
 
 def attach(examples: Sequence[Example], logps: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:

@@ -15,13 +15,13 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
 from .config import ConfigError
+from .tracking import warn
 
 MARKER = ".preftune-run"
 _SHOWN = 5  # names listed when a folder is refused
@@ -155,8 +155,8 @@ def _lock(fd: int, path: Path) -> None:
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             os.close(fd)
             raise ConfigError(f"output_dir: {path}: cannot lock {MARKER} ({e.strerror})") from None
-        print(f"preftune: warning: output_dir: {path}: this file system cannot lock "
-              f"({e.strerror}); make sure no other run writes into it", file=sys.stderr)
+        warn(f"output_dir: {path}: this file system cannot lock ({e.strerror}); make sure no "
+             "other run writes into it")
 
 
 def _same_file(fd: int, path: Path) -> bool:

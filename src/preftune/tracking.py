@@ -109,6 +109,11 @@ class Progress:
         self.bar.close()
 
 
+def warn(message: str) -> None:
+    """One warning line on stderr, in the form every preftune warning takes."""
+    print(f"preftune: warning: {message}", file=sys.stderr)
+
+
 def duration(seconds: float) -> str:
     """``'42s'``, ``'3m05s'``, ``'2h07m'``: a span of time for a progress line."""
     seconds = max(0, round(seconds))
