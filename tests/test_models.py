@@ -247,7 +247,7 @@ def test_hub_id_is_passed_through():
 
 @pytest.mark.parametrize("loader", [load_model, load_tokenizer])
 @pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "unreachable"])
-def test_hub_id_offline_is_one_line_at_once(loader, how, monkeypatch):
+def test_hub_id_offline_is_one_line_at_once(loader, how, monkeypatch, caplog):
     if how == "HF_HUB_OFFLINE":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     else:  # nothing listens on the discard port: the probe fails without the client's retries
@@ -260,6 +260,28 @@ def test_hub_id_offline_is_one_line_at_once(loader, how, monkeypatch):
         "preftune-tests/no-such-model: not a local folder nor in the Hugging Face cache, and "
         "the Hub cannot be reached (offline); pass a local model folder, or the built-in alias "
         "smollm2-135m-instruct")
+    # At once: the hub client was never asked to reach the network (it retries ~25 s, logging).
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+
+
+def test_hub_id_in_the_local_hub_cache_loads_offline(tmp_path, monkeypatch):
+    """Offline, a Hub id that the Hugging Face cache holds loads from that cache."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "0123abcd"
+    expected = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1))
+    expected.save_pretrained(snapshot)
+    AutoTokenizer.from_pretrained(GPT2_TOKENIZER).save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_model("acme/tiny")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                expected.state_dict().values(), strict=True))
+    assert len(load_tokenizer("acme/tiny")) == VOCAB
 
 
 def test_alias_without_package(monkeypatch):

@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 
 import torch
 import transformers
+from huggingface_hub import snapshot_download
 from packaging.version import Version
 from safetensors import SafetensorError
 from transformers import (
@@ -311,9 +312,12 @@ def _from_pretrained(auto_class, name: str, path: str, **kwargs):
     """``auto_class.from_pretrained(path)`` with failures turned into one-line ModelErrors."""
     local = Path(path).expanduser().is_dir()
     offline = not local and not hub_reachable()
-    if offline:  # a Hub id: only what the local Hub cache holds
-        kwargs["local_files_only"] = True
     try:
+        if offline:
+            # A Hub id offline: load its snapshot from the local Hub cache as a folder.
+            # `local_files_only` alone is not enough: transformers' adapter lookup ignores it
+            # and the hub client retries for ~25 s before failing.
+            path = snapshot_download(path, local_files_only=True)
         return auto_class.from_pretrained(path, **kwargs)
     except _LOAD_ERRORS as err:
         if offline and not isinstance(err, ModelError):
