@@ -545,6 +545,7 @@ def test_hub_failure_is_one_clear_line(monkeypatch) -> None:
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)\nmore")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("preftune.models.hub_reachable", lambda: True)  # an online failure
     with pytest.raises(DataError) as err:
         list(read_pairs("someone/prefs:test"))
     assert str(err.value) == (
@@ -554,18 +555,41 @@ def test_hub_failure_is_one_clear_line(monkeypatch) -> None:
     )
 
 
+def test_hub_dataset_offline_is_one_line_at_once(monkeypatch, caplog) -> None:
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: unreachable
+    flags = huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    with pytest.raises(DataError) as err:
+        list(read_pairs("preftune-tests/no-such-data:test"))
+    assert str(err.value) == (
+        "preftune-tests/no-such-data:test: not a local file nor in the Hugging Face datasets "
+        "cache, and the Hub cannot be reached (offline); pass a local JSONL, JSON, Parquet or "
+        "CSV file")
+    # at once: nothing tried the network (the hub client logs each retry), and the offline
+    # switch is undone afterwards
+    assert not [r for r in caplog.records if r.name.startswith(("huggingface_hub", "datasets"))
+                and r.levelname != "DEBUG"]
+    assert flags == (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+
+
 def test_hub_success_sources(monkeypatch) -> None:
     import datasets
+    import huggingface_hub
 
     calls = []
 
-    def fake(name, split=None, **_):
-        calls.append((name, split))
+    def fake(name, split=None, **_):  # offline here: datasets reads its cache, in offline mode
+        calls.append((name, split, huggingface_hub.constants.HF_HUB_OFFLINE,
+                      datasets.config.HF_HUB_OFFLINE))
         return datasets.Dataset.from_list(_rows())
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr("preftune.models.hub_reachable", lambda: False)
     pairs, report = load_pairs("someone/prefs", quiet=True)
-    assert calls == [("someone/prefs", "train")]
+    assert calls == [("someone/prefs", "train", True, True)]
     assert [p.source for p in pairs] == ["someone/prefs[train]:1", "someone/prefs[train]:3"]
     assert report.examples == {"identical responses": ["someone/prefs[train]:2"]}
 

@@ -354,14 +354,39 @@ def _parquet_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
             yield f"{name}:{index}", row
 
 
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Switch the hub client and ``datasets`` to offline mode, as HF_HUB_OFFLINE=1 at start-up
+    would (both read it once, at import): a cached dataset still loads, anything else fails at
+    once instead of after ~30 s of retries."""
+    import datasets
+    import huggingface_hub
+
+    saved = huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
 def _hub_records(spec: str) -> Iterator[tuple[str, Any]]:
+    from ..models import hub_reachable
+
     repo, _, split = spec.partition(":")
     split = split or "train"
+    offline = not hub_reachable()
     try:
         import datasets
 
-        dataset = datasets.load_dataset(repo, split=split)
+        with _hub_offline() if offline else contextlib.nullcontext():
+            dataset = datasets.load_dataset(repo, split=split)
     except Exception as e:  # offline, unknown repo, bad split...: datasets raises many types
+        if offline:
+            raise DataError(
+                f"{spec}: not a local file nor in the Hugging Face datasets cache, and the Hub "
+                "cannot be reached (offline); pass a local JSONL, JSON, Parquet or CSV file"
+            ) from None
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise DataError(
             f"{spec}: not a local file, and loading Hugging Face Hub dataset {repo!r} "
