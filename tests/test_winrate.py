@@ -144,11 +144,13 @@ def test_completion_logps_equal_the_full_logits_computation(family, repeated):
     assert sizes[0] == (3 if repeated else len(prompt))  # each distinct prompt once
 
 
-@pytest.mark.parametrize("repeated", [False, True])
-def test_sampling_log_probs_with_padding_and_eos(repeated):
+@pytest.mark.parametrize(("repeated", "temperature", "top_p"),
+                         [(False, 1.0, 1.0), (True, 1.0, 1.0), (True, 0.7, 0.9)])
+def test_sampling_log_probs_with_padding_and_eos(repeated, temperature, top_p):
     """Left-padded prompts, rows that end at EOS early, each distinct prompt prefilled once
     when its samples are neighbours: the log-probs read off the sampling logits equal the
-    naive computation's for the same completions."""
+    naive computation's for the same completions (the model's, before temperature and
+    top-p)."""
     model = tiny_llama(vocab_size=11, seed=1)
     torch.manual_seed(0)
     prompts = torch.tensor([[0, 0, 3, 4], [5, 6, 7, 8], [0, 9, 1, 2]])
@@ -156,8 +158,28 @@ def test_sampling_log_probs_with_padding_and_eos(repeated):
     mask = (prompts != 0).long()
     sizes = _batch_sizes(model)
     new, new_mask, own = sample(model, prompts, mask, max_new_tokens=6, pad_token_id=0,
-                                eos=[10], logps=True)
+                                eos=[10], logps=True, temperature=temperature, top_p=top_p)
     assert sizes[0] == (3 if repeated else 12)  # the shared prefill: one row per prompt
     assert 0 < int(new_mask.sum()) < new_mask.numel()  # some rows stopped at EOS
     torch.testing.assert_close(own, _naive_logps(model, prompts, mask, new, new_mask),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_draws_what_generate_draws_with_the_same_settings():
+    """``sample`` applies temperature and top-p itself (after reading the raw logits): with
+    one seed it draws the tokens generate's own warpers draw, so cached reference samples
+    stay valid."""
+    from transformers import GenerationConfig
+
+    model = tiny_llama(vocab_size=23, seed=2)
+    model.lm_head.weight.data *= 30  # logits spread over nats: temperature and top-p matter
+    prompts = torch.tensor([[0, 3, 4], [5, 6, 7]]).repeat(3, 1)
+    mask = (prompts != 0).long()
+    torch.manual_seed(5)
+    ours, _, _ = sample(model, prompts, mask, max_new_tokens=8, pad_token_id=0, eos=[],
+                        temperature=0.7, top_p=0.8, logps=True)
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=0,
+                              max_new_tokens=8, pad_token_id=0)
+    torch.manual_seed(5)
+    theirs = model.generate(input_ids=prompts, attention_mask=mask, generation_config=config)
+    assert torch.equal(ours, theirs[:, prompts.shape[1]:])

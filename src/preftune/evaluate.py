@@ -102,33 +102,65 @@ def sample(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *,
     softmax(logits / temperature) cut to its top-p nucleus: the model's own settings of top-k,
     repetition penalty, typical-p and n-gram blocking are overridden. Randomness comes from
     torch's global generator (seed it before)."""
-    from transformers import GenerationConfig
+    from transformers import (
+        GenerationConfig,
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
 
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+    # Temperature and top-p are applied here, after `_StepLogps`, so that it sees raw logits
+    # (generate would put its own warpers after ours only by an order it does not promise).
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                               repetition_penalty=1.0, typical_p=1.0, no_repeat_ngram_size=0,
                               max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                              eos_token_id=eos or None, output_logits=logps,
-                              return_dict_in_generate=True)
+                              eos_token_id=eos or None, return_dict_in_generate=True)
+    recorder = _StepLogps() if logps else None
+    processors = LogitsProcessorList([recorder] if recorder else [])
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
     was_training = model.training
     model.eval()
     # n samples of a prompt: its tokens but the last run once, generate goes on from there
     shared = _shared_prefill(model, prompt_ids, prompt_mask, prompt_ids.shape[1] - 1)
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         generation_config=config,
+                         generation_config=config, logits_processor=processors,
                          **({} if shared is None else {_cache_name(model): shared[0]}))
     model.train(was_training)
     new_ids = out.sequences[:, prompt_ids.shape[1]:]
     mask = completion_mask(new_ids, eos)
-    if not logps:
+    if recorder is None:
         return new_ids, mask, None
-    token = torch.stack([_step_logps(step.float(), new_ids[:, i])  # raw: before temperature
-                         for i, step in enumerate(out.logits)], dim=1)  # and top-p
-    return new_ids, mask, (token * mask).sum(1)
+    return new_ids, mask, (recorder.finish(new_ids) * mask).sum(1)
 
 
-def _step_logps(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log p(token) of one decoding step: logits [B, V], tokens [B]."""
-    return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+class _StepLogps:
+    """A logits processor that keeps log p of each drawn token under the raw logits, holding
+    one step's ``[B, V]`` log-softmax at a time (``output_logits`` would hold all T steps
+    until generate returns: GBs for a large vocabulary). Step t's token is known at call
+    t + 1 (the last column of ``input_ids``) or, for the last step, from the output."""
+
+    def __init__(self) -> None:
+        self.steps: list[Tensor] = []
+        self.pending: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.pending is not None:
+            self._settle(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float(), dim=-1)  # a copy: warpers may edit
+        return scores
+
+    def _settle(self, tokens: Tensor) -> None:
+        self.steps.append(self.pending.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        self.pending = None
+
+    def finish(self, new_ids: Tensor) -> Tensor:
+        """Per-token log-probs ``[B, T]`` of the generated ids."""
+        self._settle(new_ids[:, -1])
+        assert len(self.steps) == new_ids.shape[1], "one processor call per generated token"
+        return torch.stack(self.steps, dim=1)
 
 
 @torch.no_grad()
