@@ -144,16 +144,19 @@ class _StepLogps:
 
     def __init__(self) -> None:
         self.steps: list[Tensor] = []
-        self.pending: Tensor | None = None
+        self.pending: tuple[Tensor, Tensor] | None = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.pending is not None:
             self._settle(input_ids[:, -1])
-        self.pending = torch.log_softmax(scores.float(), dim=-1)  # a copy: warpers may edit
+        logits = scores.float().clone()  # a copy: a later warper may edit scores in place
+        self.pending = logits, logits.logsumexp(-1)
         return scores
 
     def _settle(self, tokens: Tensor) -> None:
-        self.steps.append(self.pending.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        # logit - logsumexp, as `sequence_logps` computes it for the same logits
+        logits, lse = self.pending
+        self.steps.append(logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse)
         self.pending = None
 
     def finish(self, new_ids: Tensor) -> Tensor:
