@@ -138,9 +138,9 @@ def sample(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *,
 
 class _StepLogps:
     """A logits processor that keeps log p of each drawn token under the raw logits, holding
-    one step's ``[B, V]`` log-softmax at a time (``output_logits`` would hold all T steps
-    until generate returns: GBs for a large vocabulary). Step t's token is known at call
-    t + 1 (the last column of ``input_ids``) or, for the last step, from the output."""
+    one step's ``[B, V]`` logits at a time (``output_logits`` would hold all T steps until
+    generate returns: GBs for a large vocabulary). Step t's token is known at call t + 1
+    (the last column of ``input_ids``) or, for the last step, from the output."""
 
     def __init__(self) -> None:
         self.steps: list[Tensor] = []
