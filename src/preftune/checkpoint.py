@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -511,16 +512,15 @@ _ELEMENT_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 def _file_element_size(model_dir: Path) -> int:
-    """Bytes per element of the largest tensor in the first safetensors file's header (4 when
-    unknown: a .bin file or an unreadable header)."""
+    """Bytes per element of the largest tensor in the first safetensors file (its header
+    only; 4 when unknown: a .bin file or an unreadable header)."""
     files = sorted(model_dir.glob("*.safetensors"))
     try:
-        with files[0].open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        tensors = [t for name, t in header.items() if name != "__metadata__"]
-        largest = max(tensors, key=lambda t: t["data_offsets"][1] - t["data_offsets"][0])
-        return _ELEMENT_SIZES.get(largest["dtype"], 4)
-    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        with safe_open(files[0], framework="pt") as f:
+            slices = [f.get_slice(name) for name in f.keys()]  # noqa: SIM118 (not iterable)
+            largest = max(slices, key=lambda s: math.prod(s.get_shape()))
+            return _ELEMENT_SIZES.get(largest.get_dtype(), 4)
+    except (IndexError, OSError, ValueError, SafetensorError):
         return 4
 
 

@@ -149,7 +149,7 @@ class _StepLogps:
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.pending is not None:
             self._settle(input_ids[:, -1])
-        logits = scores.float().clone()  # a copy: a later warper may edit scores in place
+        logits = scores.to(torch.float32, copy=True)  # a copy: a later warper may edit scores
         self.pending = logits, logits.logsumexp(-1)
         return scores
 
