@@ -89,7 +89,9 @@ def test_eval_of_a_model_against_itself(tmp_path, tiny_model_dir, prompts_file):
     # same weights and seed: the same samples, so the KL estimate is 0 up to float rounding
     # (the policy's log-probs come from its sampling logits, the reference's from a forward;
     # test_winrate holds those two paths to the naive computation) and the win rate symmetric
+    # (each sample's log-ratio, not only their mean: a small standard error too)
     assert result["kl"]["mean"] == pytest.approx(0.0, abs=1e-5) and result["kl"]["n"] == 15
+    assert result["kl"]["stderr"] < 1e-5
     w = result["win_rate"]
     assert w["wins"] == w["losses"] and w["comparisons"] == 5 * 3 * 3 and w["ties"] >= 15
     assert result["score"]["policy"] == result["score"]["reference"]
